@@ -1,0 +1,256 @@
+"""Torch references of every kernel op. Each Triton kernel in this package has the same signature.
+
+Shapes: ``B`` questions sharing one fixed context, ``Hq`` query heads, ``Hk`` KV heads (``G = Hq // Hk``),
+``T`` query tokens, ``Q = G * T`` queries per KV head, ``N`` fixed tokens, ``D`` head dim,
+``Cf`` / ``Cc`` fine / coarse clusters per head, ``R`` kept ranges (padded).
+Everything returned is float32 (or int64 for indices) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "group_queries_ref",
+    "centroid_lookup_ref",
+    "ranges_from_mask_ref",
+    "sparse_attention_ref",
+    "causal_attention_ref",
+    "lse_merge_ref",
+]
+
+NEG_INF = float("-inf")
+
+
+def group_queries_ref(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, D] -> [B, Hk, G*T, D]: the queries each KV head serves (head-major within a group)."""
+    b, hq, t, d = q.shape
+    return q.reshape(b, num_kv_heads, (hq // num_kv_heads) * t, d)
+
+
+def _per_key_probs(logits: torch.Tensor, log_sizes: torch.Tensor, extra_logz: torch.Tensor | None = None):
+    """Mean over queries of exp(logit - logZ), Z = sum_c n_c exp(logit_c) (+ exp(extra_logz)), computed stably.
+
+    logits [B, Hk, Q, C] (masked entries -inf), log_sizes [B or 1, Hk, 1, C], extra_logz [B, Hk, Q] or None.
+    Returns [B, Hk, C] float32.
+    """
+    logz = torch.logsumexp(logits + log_sizes, dim=-1)  # [B, Hk, Q]
+    if extra_logz is not None:
+        logz = torch.logaddexp(logz, extra_logz)
+    return torch.exp(logits - logz.unsqueeze(-1)).mean(dim=2)
+
+
+def _budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Keep clusters in descending per-key probability while the kept key count is below ``target``.
+
+    probs [B, Hk, C], sizes [Hk, C], allowed [B, Hk, C] bool, target [B, Hk] keys. Overshoots by < one cluster.
+    """
+    score = torch.where(allowed, probs, torch.full_like(probs, -1.0))
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    sz = sizes.unsqueeze(0).expand_as(probs).gather(-1, order).to(torch.float64)
+    before = torch.cumsum(sz, dim=-1) - sz  # keys already kept before this cluster
+    take = (before < target.unsqueeze(-1)) & allowed.gather(-1, order)
+    mask = torch.zeros_like(allowed)
+    mask.scatter_(-1, order, take)
+    return mask
+
+
+def centroid_lookup_ref(
+    q: torch.Tensor,
+    fine_centroids: torch.Tensor,
+    fine_sizes: torch.Tensor,
+    coarse_centroids: torch.Tensor,
+    coarse_sizes: torch.Tensor,
+    coarse_offsets: torch.Tensor,
+    fine_threshold: torch.Tensor | None,
+    coarse_threshold: torch.Tensor | None,
+    budget: torch.Tensor | None,
+    coarse_budget: torch.Tensor | None,
+    scale: float,
+    hierarchical: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which fine clusters to keep, by coarse-then-fine centroid lookup.
+
+    Args:
+        q: [B, Hk, Q, D] grouped queries (see ``group_queries_ref``), any float dtype.
+        fine_centroids: [Hk, Cf, D]; fine_sizes: [Hk, Cf] int64 (keys per cluster, >= 1).
+        coarse_centroids: [Hk, Cc, D]; coarse_sizes: [Hk, Cc] int64 (keys per coarse cluster).
+        coarse_offsets: [Hk, Cc + 1] int64, range of fine cluster indices of each coarse cluster.
+        fine_threshold / coarse_threshold: [Hk] float32 per-key probability thresholds (threshold mode), or None.
+        budget / coarse_budget: [B, Hk] float32 numbers of keys to keep at the fine / coarse level (budget mode),
+            or None. Exactly one of ``fine_threshold`` and ``budget`` is given.
+        scale: softmax scale (1 / sqrt(D)).
+        hierarchical: False scores every fine centroid (flat lookup) and ignores the coarse level.
+
+    The per-key probability estimate of cluster j for query q is exp(s q.c_j) / Z_q with
+    Z_q = sum_k n_k exp(s q.c_k); in hierarchical mode Z_q sums fine terms inside kept coarse clusters and
+    coarse terms for the others. Estimates are averaged over the queries of each KV head.
+
+    Returns:
+        keep: [B, Hk, Cf] bool, fine clusters to attend.
+        centroids_read: [B, Hk] int64, centroids scored (coarse + fine) per head, for the KV budget.
+    """
+    if (fine_threshold is None) == (budget is None):
+        raise ValueError("give exactly one of fine_threshold and budget")
+    qf = q.float()
+    b, hk, nq, d = qf.shape
+    cf = fine_centroids.shape[1]
+    fine_log_sizes = fine_sizes.float().log().view(1, hk, 1, cf)
+    fine_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, fine_centroids.float())  # [B, Hk, Q, Cf]
+    if not hierarchical:
+        fine_probs = _per_key_probs(fine_logits, fine_log_sizes)
+        allowed = torch.ones(b, hk, cf, dtype=torch.bool, device=q.device)
+        read = torch.full((b, hk), cf, dtype=torch.int64, device=q.device)
+    else:
+        cc = coarse_centroids.shape[1]
+        coarse_log_sizes = coarse_sizes.float().log().view(1, hk, 1, cc)
+        coarse_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, coarse_centroids.float())  # [B, Hk, Q, Cc]
+        coarse_probs = _per_key_probs(coarse_logits, coarse_log_sizes)  # [B, Hk, Cc]
+        if fine_threshold is not None:
+            coarse_keep = coarse_probs >= coarse_threshold.view(1, hk, 1)
+        else:
+            allowed_c = torch.ones_like(coarse_probs, dtype=torch.bool)
+            coarse_keep = _budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget)
+        parent = _fine_parent(coarse_offsets, cf)  # [Hk, Cf]
+        allowed = coarse_keep.gather(-1, parent.unsqueeze(0).expand(b, hk, cf))  # [B, Hk, Cf]
+        # Denominator: fine terms of kept coarse clusters + coarse terms of the dropped ones.
+        dropped = torch.where(~coarse_keep.unsqueeze(2), coarse_logits + coarse_log_sizes, NEG_INF)
+        extra = torch.logsumexp(dropped, dim=-1)  # [B, Hk, Q]
+        masked = torch.where(allowed.unsqueeze(2), fine_logits, NEG_INF)
+        fine_probs = _per_key_probs(masked, fine_log_sizes, extra)
+        read = cc + allowed.sum(-1)
+    if fine_threshold is not None:
+        keep = allowed & (fine_probs >= fine_threshold.view(1, hk, 1))
+    else:
+        keep = _budget_mask(fine_probs, fine_sizes, allowed, budget)
+    return keep, read.to(torch.int64)
+
+
+def _fine_parent(coarse_offsets: torch.Tensor, num_fine: int) -> torch.Tensor:
+    """[Hk, Cc + 1] fine index ranges -> [Hk, Cf] coarse parent of each fine cluster."""
+    idx = torch.arange(num_fine, device=coarse_offsets.device).expand(coarse_offsets.shape[0], num_fine)
+    return torch.searchsorted(coarse_offsets[:, 1:].contiguous(), idx.contiguous(), right=True)
+
+
+def ranges_from_mask_ref(
+    keep: torch.Tensor, fine_offsets: torch.Tensor, num_tokens: int, sink_tokens: int, window_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact kept fine clusters (plus sinks and window) into sorted, coalesced [start, end) ranges.
+
+    Args:
+        keep: [B, Hk, Cf] bool; fine_offsets: [Hk, Cf + 1] int64 sorted positions.
+    Returns:
+        starts, ends: [B, Hk, R] int64 (padding entries have start == end == 0), counts: [B, Hk] int64.
+    """
+    b, hk, cf = keep.shape
+    dev = keep.device
+    lo = fine_offsets[:, :-1].unsqueeze(0).expand(b, hk, cf)
+    hi = fine_offsets[:, 1:].unsqueeze(0).expand(b, hk, cf)
+    # Segments: sinks, clusters, window; a segment is live if kept and non-empty.
+    sink = torch.tensor([0, sink_tokens], device=dev)
+    win = torch.tensor([num_tokens - window_tokens, num_tokens], device=dev)
+    seg_lo = torch.cat([sink[0].expand(b, hk, 1), lo, win[0].expand(b, hk, 1)], dim=-1)
+    seg_hi = torch.cat([sink[1].expand(b, hk, 1), hi, win[1].expand(b, hk, 1)], dim=-1)
+    live = torch.cat([torch.ones(b, hk, 1, dtype=torch.bool, device=dev), keep,
+                      torch.ones(b, hk, 1, dtype=torch.bool, device=dev)], dim=-1) & (seg_hi > seg_lo)
+    # A live segment opens a range unless the previous segment was live and ends where it starts.
+    prev_live = torch.cat([torch.zeros_like(live[..., :1]), live[..., :-1]], dim=-1)
+    prev_hi = torch.cat([torch.full_like(seg_hi[..., :1], -1), seg_hi[..., :-1]], dim=-1)
+    opens = live & ~(prev_live & (prev_hi == seg_lo))
+    next_live = torch.cat([live[..., 1:], torch.zeros_like(live[..., :1])], dim=-1)
+    next_lo = torch.cat([seg_lo[..., 1:], torch.full_like(seg_lo[..., :1], -1)], dim=-1)
+    closes = live & ~(next_live & (next_lo == seg_hi))
+    counts = opens.sum(-1)
+    r = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    starts = torch.zeros(b, hk, r, dtype=torch.int64, device=dev)
+    ends = torch.zeros(b, hk, r, dtype=torch.int64, device=dev)
+    slot_open = torch.cumsum(opens, -1) - 1
+    slot_close = torch.cumsum(closes, -1) - 1
+    bi, hi_, si = opens.nonzero(as_tuple=True)
+    starts[bi, hi_, slot_open[bi, hi_, si]] = seg_lo[bi, hi_, si]
+    bi, hi_, si = closes.nonzero(as_tuple=True)
+    ends[bi, hi_, slot_close[bi, hi_, si]] = seg_hi[bi, hi_, si]
+    return starts, ends, counts.to(torch.int64)
+
+
+def sparse_attention_ref(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every query token over the kept fixed-context ranges (no causal mask: the whole
+    fixed context precedes the queries).
+
+    Args:
+        q: [B, Hq, T, D]; keys, values: [Hk, N, D] sorted order; starts, ends: [B, Hk, R]; counts: [B, Hk].
+    Returns:
+        out: [B, Hq, T, D] float32 (zeros where nothing is kept), lse: [B, Hq, T] float32 (-inf where nothing is kept).
+    """
+    b, hq, t, d = q.shape
+    hk, n, _ = keys.shape
+    g = hq // hk
+    out = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, t), NEG_INF, dtype=torch.float32, device=q.device)
+    for bi in range(b):
+        for h in range(hk):
+            c = int(counts[bi, h])
+            if c == 0:
+                continue
+            idx = torch.cat([torch.arange(int(s), int(e), device=q.device)
+                             for s, e in zip(starts[bi, h, :c].tolist(), ends[bi, h, :c].tolist())])
+            if idx.numel() == 0:
+                continue
+            k = keys[h].index_select(0, idx).float()  # [M, D]
+            v = values[h].index_select(0, idx).float()
+            qh = q[bi, h * g:(h + 1) * g].float()  # [G, T, D]
+            s = torch.matmul(qh, k.t()) * scale  # [G, T, M]
+            m = torch.logsumexp(s, dim=-1)  # [G, T]
+            out[bi, h * g:(h + 1) * g] = torch.matmul(torch.exp(s - m.unsqueeze(-1)), v)
+            lse[bi, h * g:(h + 1) * g] = m
+    return out, lse
+
+
+def causal_attention_ref(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the T newest tokens over the M >= T dynamic (question + generated) tokens.
+
+    Args:
+        q: [B, Hq, T, D]; keys, values: [B, Hk, M, D]; query i sits at dynamic position M - T + i.
+    Returns:
+        out [B, Hq, T, D] float32, lse [B, Hq, T] float32.
+    """
+    b, hq, t, d = q.shape
+    hk, m_len = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    k = keys.float().repeat_interleave(g, dim=1)
+    v = values.float().repeat_interleave(g, dim=1)
+    s = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, Hq, T, M]
+    qpos = torch.arange(m_len - t, m_len, device=q.device).view(t, 1)
+    kpos = torch.arange(m_len, device=q.device).view(1, m_len)
+    s = s.masked_fill(kpos > qpos, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v)
+    return out, lse
+
+
+def lse_merge_ref(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial softmax attentions over disjoint key sets.
+
+    Args:
+        out_a, out_b: [..., D] float32 normalised partial outputs; lse_a, lse_b: [...] their log-sum-exps
+        (-inf for an empty part; both empty gives zeros).
+    Returns:
+        out [..., D] float32, lse [...] float32.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a - safe).unsqueeze(-1)
+    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    return wa * out_a + wb * out_b, lse

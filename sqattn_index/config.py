@@ -1,0 +1,82 @@
+"""One configuration dataclass for building and querying a squeezed KV index."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ConfigError
+
+__all__ = ["SqueezeConfig", "DEFAULT_KEEP_LADDER"]
+
+DEFAULT_KEEP_LADDER = (0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclass
+class SqueezeConfig:
+    """Settings of the index build (clustering, calibration) and of the attention at query time.
+
+    ``keep`` fractions everywhere mean: fraction of the fixed context's tokens whose K/V is attended,
+    the always-attended sinks and observation window included.
+    """
+
+    prefill_chunk: int = 2048  # tokens per prefill forward pass
+    sink_tokens: int = 4  # first tokens of the fixed context, always attended
+    window_tokens: int = 64  # observation window: last tokens, always attended, calibration queries
+    keys_per_fine: int = 16  # fine level: one centroid per this many keys
+    fine_per_coarse: int = 16  # coarse level: one centroid per this many fine centroids
+    kmeans_iters: int = 12
+    seed: int = 0
+    keep_ladder: tuple[float, ...] = DEFAULT_KEEP_LADDER
+    coarse_slack: float = 3.0  # coarse level keeps about this many times the fine keep fraction
+    hierarchical: bool = True
+    selection: str = "threshold"  # "threshold" (calibrated) or "budget" (top clusters, exact fraction)
+    backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep_ladder = tuple(float(k) for k in self.keep_ladder)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("prefill_chunk", "keys_per_fine", "fine_per_coarse", "kmeans_iters")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"SqueezeConfig.{name} must be a positive int; got {value!r}.")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"SqueezeConfig.{name} must be an int >= 0; got {value!r}.")
+        for k in self.keep_ladder:
+            if not 0.0 < k < 1.0:
+                raise ConfigError(f"keep_ladder entries must lie in (0, 1); got {k!r}. Use 1.0 for dense at query time.")
+        if self.selection not in ("threshold", "budget"):
+            raise ConfigError(f"selection must be 'threshold' or 'budget'; got {self.selection!r}.")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"backend must be 'auto', 'torch' or 'triton'; got {self.backend!r}.")
+        if self.coarse_slack < 1.0:
+            raise ConfigError(f"coarse_slack must be >= 1; got {self.coarse_slack!r}.")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["keep_ladder"] = list(self.keep_ladder)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SqueezeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown SqueezeConfig fields {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)
+
+
+def check_keep(keep: float) -> float:
+    """Validate a query-time keep fraction (1.0 means dense)."""
+    try:
+        keep = float(keep)
+    except (TypeError, ValueError):
+        raise ConfigError(f"keep must be a number in (0, 1]; got {keep!r}.") from None
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep must lie in (0, 1] (1.0 = dense attention); got {keep}.")
+    return keep

@@ -1,0 +1,1 @@
+"""Evaluation: task files, metrics, needle tasks and the eval runner."""

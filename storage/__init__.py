@@ -1,0 +1,1 @@
+"""Persistent storage of sqattn_index (installed as ``sqattn_index.storage``)."""
