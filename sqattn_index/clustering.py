@@ -1,0 +1,127 @@
+"""Hierarchical clustering of one layer's keys: batched spherical k-means over all KV heads at once.
+
+Fine level: about one centroid per ``keys_per_fine`` keys (on L2-normalised keys; each centroid is the
+mean of the raw keys of its cluster). Coarse level: spherical k-means over the fine centroids, weighted by
+cluster size. Keys and values are then reordered so every fine cluster, and every coarse cluster's fine
+clusters, are contiguous (``corpus_kv`` documents the layout).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .corpus_kv import LayerKV
+
+__all__ = ["spherical_kmeans", "build_layer_clusters"]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int, weights: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+    """Cluster labels [H, M] (int64) of points x [H, M, D] into k clusters per head, every cluster non-empty.
+
+    Deterministic for a seed. Empty clusters are repaired each iteration by moving them onto the points
+    that are least similar to their current centroid.
+    """
+    h, m, d = x.shape
+    assert 1 <= k <= m, (k, m)
+    xn = _normalise(x.float())
+    w = torch.ones(h, m, device=x.device) if weights is None else weights.float()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    init = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(h)]).to(x.device)  # [H, k]
+    cent = torch.gather(xn, 1, init.unsqueeze(-1).expand(h, k, d))  # [H, k, D]
+    labels = torch.zeros(h, m, dtype=torch.int64, device=x.device)
+    for _ in range(iters):
+        sim = torch.bmm(xn, cent.transpose(1, 2))  # [H, M, k]
+        best, labels = sim.max(dim=-1)
+        labels = _repair_empty(labels, best, k)
+        sums = torch.zeros(h, k, d, device=x.device).scatter_add_(1, labels.unsqueeze(-1).expand(h, m, d),
+                                                                  xn * w.unsqueeze(-1))
+        cent = _normalise(sums)
+    return labels
+
+
+def _repair_empty(labels: torch.Tensor, best: torch.Tensor, k: int) -> torch.Tensor:
+    """Give every empty cluster one point: the worst-fitting points, taken from clusters with > 1 point."""
+    h, m = labels.shape
+    for hi in range(h):
+        counts = torch.bincount(labels[hi], minlength=k)
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel() == 0:
+            continue
+        order = torch.argsort(best[hi])  # least similar first
+        taken = 0
+        for p in order.tolist():
+            if taken == empty.numel():
+                break
+            src = int(labels[hi, p])
+            if counts[src] > 1:
+                counts[src] -= 1
+                labels[hi, p] = empty[taken]
+                counts[empty[taken]] += 1
+                taken += 1
+    return labels
+
+
+def _segment_mean(values: torch.Tensor, labels: torch.Tensor, k: int, weights: torch.Tensor | None = None):
+    """Per-head (weighted) means of values [H, M, D] over labels [H, M] -> ([H, k, D] float32, sizes [H, k])."""
+    h, m, d = values.shape
+    w = torch.ones(h, m, device=values.device) if weights is None else weights.float()
+    sums = torch.zeros(h, k, d, device=values.device).scatter_add_(
+        1, labels.unsqueeze(-1).expand(h, m, d), values.float() * w.unsqueeze(-1))
+    tot = torch.zeros(h, k, device=values.device).scatter_add_(1, labels, w)
+    return sums / tot.clamp_min(1e-12).unsqueeze(-1), tot
+
+
+def build_layer_clusters(keys: torch.Tensor, values: torch.Tensor, sink_tokens: int, window_tokens: int,
+                         keys_per_fine: int = 16, fine_per_coarse: int = 16, iters: int = 12, seed: int = 0,
+                         ) -> LayerKV:
+    """Cluster one layer. keys, values [Hk, N, D] in original order -> a LayerKV in cluster order.
+
+    The first ``sink_tokens`` and last ``window_tokens`` are not clustered (always attended); they are
+    shrunk when the context is too short to leave at least one clustered token.
+    """
+    hk, n, d = keys.shape
+    dev = keys.device
+    sink = min(sink_tokens, max(n - 1, 0))
+    window = min(window_tokens, max(n - sink - 1, 0))
+    m = n - sink - window
+    mid = keys[:, sink:n - window]  # [Hk, M, D]
+    num_fine = max(1, min(m, round(m / keys_per_fine)))
+    fine_labels = spherical_kmeans(mid, num_fine, iters, seed)  # [Hk, M]
+    fine_cent, fine_sizes = _segment_mean(mid, fine_labels, num_fine)  # raw-key means
+    num_coarse = max(1, min(num_fine, round(num_fine / fine_per_coarse)))
+    coarse_labels = spherical_kmeans(fine_cent, num_coarse, iters, seed + 1, weights=fine_sizes)  # [Hk, Cf]
+    coarse_cent, coarse_sizes = _segment_mean(fine_cent, coarse_labels, num_coarse, weights=fine_sizes)
+    # Order fine clusters by coarse parent; tokens by (new) fine cluster; both stable.
+    fine_order = torch.argsort(coarse_labels * num_fine + torch.arange(num_fine, device=dev), dim=1)  # [Hk, Cf]
+    rank = torch.empty_like(fine_order).scatter_(1, fine_order, torch.arange(num_fine, device=dev).expand(hk, -1))
+    token_fine = torch.gather(rank, 1, fine_labels)  # [Hk, M] new fine index per token
+    token_order = torch.argsort(token_fine * m + torch.arange(m, device=dev), dim=1)  # [Hk, M]
+    perm = torch.cat([torch.arange(sink, device=dev).expand(hk, -1), token_order + sink,
+                      torch.arange(n - window, n, device=dev).expand(hk, -1)], dim=1)  # [Hk, N]
+    fine_cent = torch.gather(fine_cent, 1, fine_order.unsqueeze(-1).expand(hk, num_fine, d))
+    fine_sizes = torch.gather(fine_sizes, 1, fine_order).round().long()
+    coarse_of_fine = torch.gather(coarse_labels, 1, fine_order)  # sorted ascending per head
+    coarse_counts = torch.stack([torch.bincount(coarse_of_fine[i], minlength=num_coarse) for i in range(hk)])
+    zero = torch.zeros(hk, 1, dtype=torch.int64, device=dev)
+    fine_offsets = torch.cat([zero, fine_sizes.cumsum(1)], dim=1) + sink
+    coarse_offsets = torch.cat([zero, coarse_counts.cumsum(1)], dim=1)
+    layer = LayerKV(
+        keys=torch.gather(keys, 1, perm.unsqueeze(-1).expand(hk, n, d)).contiguous(),
+        values=torch.gather(values, 1, perm.unsqueeze(-1).expand(hk, n, d)).contiguous(),
+        perm=perm.contiguous(),
+        fine_centroids=fine_cent.to(keys.dtype).contiguous(),
+        fine_sizes=fine_sizes.contiguous(),
+        fine_offsets=fine_offsets.contiguous(),
+        coarse_centroids=coarse_cent.to(keys.dtype).contiguous(),
+        coarse_sizes=coarse_sizes.round().long().contiguous(),
+        coarse_offsets=coarse_offsets.contiguous(),
+        sink_tokens=sink,
+        window_tokens=window,
+    )
+    layer.check()
+    return layer

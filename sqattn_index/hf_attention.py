@@ -1,0 +1,170 @@
+"""Squeezed attention inside Hugging Face models, with no fork of model code.
+
+``install_attention(model)`` registers the attention function ``"sqattn"`` through
+``transformers.AttentionInterface`` and switches the model to it. The function is dense causal attention
+(with a query-capture hook used while building an index) unless a ``SqueezedCache`` is active for the
+running forward pass; then every layer attends sparsely over the kept ranges of its fixed-context KV plus
+densely and causally over the new (question and generated) tokens, merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .corpus_kv import CorpusKV
+from .selection import SelectionSpec, select_ranges
+
+__all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing"]
+
+ATTN_NAME = "sqattn"
+_ACTIVE: ContextVar = ContextVar("sqattn_active_cache", default=None)
+_CAPTURE: ContextVar = ContextVar("sqattn_query_capture", default=None)
+
+
+class QueryCapture:
+    """Keeps the last ``window`` post-RoPE queries [Hq, W, D] of every layer seen during a prefill."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        q = query[0].detach()  # [Hq, T, D]
+        prev = self.queries.get(layer_idx)
+        if prev is not None and q.shape[1] < self.window:
+            q = torch.cat([prev, q], dim=1)
+        self.queries[layer_idx] = q[:, -self.window:].clone() if self.window else q[:, :0].clone()
+
+
+@contextlib.contextmanager
+def capturing(capture: QueryCapture):
+    token = _CAPTURE.set(capture)
+    try:
+        yield capture
+    finally:
+        _CAPTURE.reset(token)
+
+
+@contextlib.contextmanager
+def active_cache(cache: "SqueezedCache"):
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)
+
+
+def dense_causal_attention(query, key, value, scale):
+    """Causal attention of T queries at the end of M keys. query [B, Hq, T, D], key/value [B, Hk, M, D]."""
+    t, m = query.shape[2], key.shape[2]
+    mask = None
+    if 1 < t < m:
+        qpos = torch.arange(m - t, m, device=query.device).view(t, 1)
+        mask = torch.arange(m, device=query.device).view(1, m) <= qpos
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=(t == m and t > 1),
+                                          scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+
+
+def sqattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function. query [B, Hq, T, D]; key/value [B, Hk, M, D] (new tokens only
+    while a SqueezedCache is active). Returns ([B, T, Hq, D], None)."""
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    cache = _ACTIVE.get()
+    if cache is not None:
+        out = cache.attend(module.layer_idx, query, key, value, scale).to(query.dtype)
+    else:
+        capture = _CAPTURE.get()
+        if capture is not None:
+            capture.record(module.layer_idx, query)
+        out = dense_causal_attention(query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_attention(model: torch.nn.Module) -> None:
+    """Register ``"sqattn"`` and switch ``model`` to it (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, sqattn_attention)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+
+
+class SqueezedLayer(DynamicLayer):
+    """Holds the new tokens' K/V; reports the fixed context's length too, so positions continue at N."""
+
+    def __init__(self, fixed_len: int):
+        super().__init__()
+        self.fixed_len = fixed_len
+
+    def get_seq_length(self) -> int:
+        return self.fixed_len + super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class SqueezedCache(Cache):
+    """A transformers ``Cache`` over a precomputed ``CorpusKV``: fixed KV read sparsely, new tokens densely.
+
+    ``stats`` accumulates bytes of fixed-context K/V and centroids read versus dense, over all layers and steps.
+    With ``collect_mass`` set, the next forward adds each fixed token's attention probability (averaged over
+    layers, heads and query tokens) to ``mass`` [N] (original token order).
+    """
+
+    def __init__(self, corpus: CorpusKV, spec: SelectionSpec, ops):
+        super().__init__(layers=[SqueezedLayer(corpus.num_tokens) for _ in corpus.layers])
+        self.corpus = corpus
+        self.spec = spec
+        self.ops = ops
+        self.read_bytes = 0
+        self.dense_bytes = 0
+        self.collect_mass = False
+        self.mass = None
+        self._mass_terms = 0
+
+    @property
+    def kv_budget(self) -> float:
+        return self.read_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+    def attend(self, layer_idx: int, query, key, value, scale) -> torch.Tensor:
+        """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32."""
+        layer = self.corpus.layers[layer_idx]
+        sel = select_ranges(layer, query, self.spec, self.ops, scale)
+        elt = layer.keys.element_size()
+        d = layer.head_dim
+        self.read_bytes += (sel.tokens_read * 2 * d + sel.centroids_read * d) * elt
+        self.dense_bytes += query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+        out_f, lse_f = self.ops.sparse_attention(query, layer.keys, layer.values, sel.starts, sel.ends,
+                                                 sel.counts, scale)
+        out_d, lse_d = self.ops.causal_attention(query, key, value, scale)
+        out, lse = self.ops.lse_merge(out_f, lse_f, out_d, lse_d)
+        if self.collect_mass:
+            self._add_mass(layer, query, sel, lse, scale)
+        return out
+
+    def _add_mass(self, layer, query, sel, lse, scale) -> None:
+        if self.mass is None:
+            self.mass = torch.zeros(layer.num_tokens, dtype=torch.float32, device=layer.keys.device)
+        hk, g = layer.num_kv_heads, query.shape[1] // layer.num_kv_heads
+        for h in range(hk):
+            c = int(sel.counts[0, h])
+            idx = torch.cat([torch.arange(int(s), int(e), device=layer.keys.device)
+                             for s, e in zip(sel.starts[0, h, :c].tolist(), sel.ends[0, h, :c].tolist())])
+            if idx.numel() == 0:
+                continue
+            qh = query[0, h * g:(h + 1) * g].float()  # [G, T, D]
+            s = torch.matmul(qh, layer.keys[h].index_select(0, idx).float().t()) * scale  # [G, T, M]
+            p = torch.exp(s - lse[0, h * g:(h + 1) * g].unsqueeze(-1)).sum(dim=(0, 1))  # [M]
+            self.mass.index_add_(0, layer.perm[h].index_select(0, idx), p)
+        self._mass_terms += query.shape[1] * query.shape[2]
+
+    def normalised_mass(self) -> torch.Tensor | None:
+        """Mean attention probability per fixed token [N] over the collected layers, heads and queries."""
+        if self.mass is None or not self._mass_terms:
+            return None
+        return self.mass / self._mass_terms
