@@ -265,3 +265,21 @@ def test_committed_needle_files_load_and_match_generator():
     for task in tiny:
         assert task.choices[task.gold_choice] == task.answers[0]
         assert task.context.count(task.answers[0]) == 1
+
+
+# ---------------------------------------------------------------- demo corpus shipped with the package
+def test_demo_corpus_and_questions():
+    from importlib.resources import files
+
+    data = files("sqattn_index") / "data"
+    docs = {p.name: p.read_text(encoding="utf-8") for p in data.iterdir() if p.name.endswith(".md")}
+    assert len(docs) == 3
+    assert all(400 <= len(text.split()) <= 700 for text in docs.values())
+    assert 1500 <= sum(len(text.split()) for text in docs.values()) * 1.3 <= 3000
+    questions = json.loads((data / "demo_questions.json").read_text(encoding="utf-8"))
+    assert 4 <= len(questions) <= 6
+    for item in questions:
+        assert set(item) == {"question", "answer", "source"}
+        assert docs[item["source"]].count(item["answer"]) == 1, item
+        others = [text for name, text in docs.items() if name != item["source"]]
+        assert not any(item["answer"] in text for text in others), item
