@@ -1,5 +1,10 @@
-"""Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references."""
+"""Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references.
 
+The Triton modules (``lookup``, ``sparse_attention``, ``merge``) are imported lazily through ``get_ops`` so that
+importing this package never imports Triton (``TRITON_INTERPRET`` must be set before kernels are defined).
+"""
+
+from .dispatch import get_ops
 from .reference import (
     causal_attention_ref,
     centroid_lookup_ref,
@@ -11,6 +16,7 @@ from .reference import (
 
 __all__ = [
     "causal_attention_ref",
+    "get_ops",
     "centroid_lookup_ref",
     "group_queries_ref",
     "lse_merge_ref",

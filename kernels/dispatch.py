@@ -1,0 +1,48 @@
+"""Backend chooser: the torch references or the Triton kernels behind one set of names."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from . import reference
+
+__all__ = ["get_ops", "triton_available"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when a CUDA device is visible and Triton imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install is as good as none
+        return False
+    return True
+
+
+def get_ops(backend: str = "auto") -> SimpleNamespace:
+    """Ops for ``backend``: "torch" (references), "triton" (kernels) or "auto" (triton on CUDA, else torch).
+
+    Returns a namespace with ``centroid_lookup``, ``ranges_from_mask``, ``sparse_attention``,
+    ``causal_attention``, ``lse_merge`` (each with the signature of its ``*_ref``) and ``backend``,
+    the name actually chosen. ``ranges_from_mask`` and ``causal_attention`` are torch in both.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if triton_available() else "torch"
+    common = dict(ranges_from_mask=reference.ranges_from_mask_ref, causal_attention=reference.causal_attention_ref)
+    if backend == "torch":
+        return SimpleNamespace(backend="torch", centroid_lookup=reference.centroid_lookup_ref,
+                               sparse_attention=reference.sparse_attention_ref,
+                               lse_merge=reference.lse_merge_ref, **common)
+    from .lookup import centroid_lookup
+    from .merge import lse_merge
+    from .sparse_attention import sparse_attention
+
+    return SimpleNamespace(backend="triton", centroid_lookup=centroid_lookup, sparse_attention=sparse_attention,
+                           lse_merge=lse_merge, **common)

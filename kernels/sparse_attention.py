@@ -1,0 +1,355 @@
+"""Sparse FlashAttention over the kept ranges of the clustered fixed context (decode and prefill).
+
+One kernel serves both phases. The queries of a KV head are its whole group, flattened to ``Q = G * T`` rows
+(``group_queries_ref`` order), so one load of a K/V tile serves every query head of the group. Work is split
+over the *kept* keys (split-K): kept key ``i`` of a (batch, KV head) is the i-th key of the concatenated kept
+ranges, and an expansion kernel first writes its sorted position ``pos[b, h, i]`` (int32, 4 bytes per key
+against ``4 * D`` bytes of K and V read), so the attention kernel gathers whole rows of K/V whatever the
+range sizes are. Program ``(m, s, b*h)`` attends query block ``m`` over the s-th of ``S`` equal chunks of the
+kept keys and writes a partial (out, lse); a second kernel merges the ``S`` partials by log-sum-exp.
+
+Nothing here reads a device value on the host: every call is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "sparse_attention",
+    "sparse_attention_segments",
+    "segment_lows",
+    "expand_positions",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _count_le(ptr, n, x, LOG_N: tl.constexpr):
+    """For each element of ``x``: how many of the sorted ``ptr[0:n]`` are <= it (searchsorted, right)."""
+    lo = tl.zeros_like(x)
+    hi = tl.zeros_like(x) + n
+    for _ in tl.static_range(LOG_N):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(ptr + mid, mask=active, other=0)
+        go = active & (v <= x)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(active & (v > x), mid, hi)
+    return lo
+
+
+@triton.jit
+def _expand_kernel(
+    CUM, LO, POS,
+    s_cb, s_ch, s_lb, s_lh, s_pb, s_ph,
+    HK, R,
+    LOG_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """pos[b, h, i] = lo[r] + i - cum[r - 1] for kept key i of range r (cum = inclusive cumsum of lengths)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    cum_row = CUM + b * s_cb + h * s_ch
+    total = tl.load(cum_row + R - 1)
+    slots = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = slots < total
+    r = _count_le(cum_row, R, slots, LOG_R)  # range holding each slot
+    before = tl.load(cum_row + r - 1, mask=valid & (r > 0), other=0)
+    lo = tl.load(LO + b * s_lb + h * s_lh + r, mask=valid, other=0)
+    pos = lo + slots - before
+    tl.store(POS + b * s_pb + h * s_ph + slots, pos.to(tl.int32), mask=valid)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    Q, K, V, POS, TOTAL, OUT, LSE,
+    s_qb, s_qh, s_qm,
+    s_kh, s_kn, s_vh, s_vn,
+    s_pb, s_ph, s_tb, s_th,
+    s_ob, s_oh, s_os, s_om,
+    s_lb, s_lh, s_ls,
+    HK, NQ, NSPLIT, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    total = tl.load(TOTAL + b * s_tb + h * s_th)
+    chunk = tl.cdiv(tl.cdiv(total, NSPLIT), BLOCK_N) * BLOCK_N
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, total)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + h * s_kh
+    v_base = V + h * s_vh
+    pos_base = POS + b * s_pb + h * s_ph
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        slots = start + offs_n
+        n_ok = slots < hi
+        pos = tl.load(pos_base + slots, mask=n_ok, other=0).to(tl.int64)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + pos[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + pos[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptr = OUT + b * s_ob + h * s_oh + pid_s * s_os + offs_m[:, None] * s_om + offs_d[None, :]
+    tl.store(o_ptr, out, mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * s_lb + h * s_lh + pid_s * s_ls + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    PO, PL, OUT, LSE,
+    s_pob, s_poh, s_pos, s_pom,
+    s_plb, s_plh, s_pls,
+    s_ob, s_oh, s_om, s_lb, s_lh,
+    HK, NSPLIT,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the NSPLIT partial (out, lse) of one query row by log-sum-exp."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.full([1], float("-inf"), tl.float32)
+    den = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        ss = s0 + offs_s
+        s_ok = ss < NSPLIT
+        lse = tl.load(PL + b * s_plb + h * s_plh + ss * s_pls + row, mask=s_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(lse - m_safe)  # [BLOCK_S], 0 for empty splits
+        o = tl.load(PO + b * s_pob + h * s_poh + ss[:, None] * s_pos + row * s_pom + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.where((w > 0.0)[:, None], o, 0.0)
+        alpha = tl.exp(m - m_safe)
+        den = den * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        m = m_new
+    has = den > 0.0
+    den_safe = tl.where(has, den, 1.0)
+    tl.store(OUT + b * s_ob + h * s_oh + row * s_om + offs_d, acc / den_safe, mask=d_ok)
+    lse_out = tl.where(has, m + tl.log(den_safe), float("-inf"))
+    tl.store(LSE + b * s_lb + h * s_lh + row + tl.arange(0, 1), lse_out)
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _config(nq: int, d: int, device: torch.device) -> dict:
+    """Tile shapes and launch settings for ``nq`` query rows per KV head and head dim ``d``."""
+    if _interpret() or device.type != "cuda":
+        return dict(BLOCK_M=16 if nq <= 16 else 32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if nq <= 16:  # decode: one tile of the group's queries, memory bound
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+    if nq <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if d <= 64 else 2)
+
+
+def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """Enough splits to give every multiprocessor a few programs, never chunks under one tile."""
+    want = triton.cdiv(4 * _num_sms(device), max(programs, 1))
+    return max(1, min(want, triton.cdiv(max_keys, block_n)))
+
+
+def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> torch.Tensor:
+    """Sorted position of every kept key, in range order.
+
+    Args:
+        cum: [B, Hk, R] int32 inclusive cumulative lengths of the ranges (last entry = kept keys of the head).
+        lows: [B or 1, Hk, R] integer start position of each range.
+        max_keys: upper bound of kept keys per head (N).
+    Returns:
+        pos: [B, Hk, max_keys] int32; entries past the head's kept count are left unwritten.
+    """
+    b, hk, r = cum.shape
+    pos = torch.empty(b, hk, max(max_keys, 1), dtype=torch.int32, device=cum.device)
+    block = 256 if _interpret() else 1024
+    grid = (triton.cdiv(max(max_keys, 1), block), b * hk)
+    s_lb = lows.stride(0) if lows.shape[0] == b else 0
+    _expand_kernel[grid](
+        cum, lows, pos,
+        cum.stride(0), cum.stride(1), s_lb, lows.stride(1), pos.stride(0), pos.stride(1),
+        hk, r, LOG_R=max(r.bit_length(), 1) + 1, BLOCK=block, num_warps=4,
+    )
+    return pos
+
+
+def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None):
+    """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``."""
+    b, hq, t, d = q.shape
+    hk, n, _ = keys.shape
+    if hq % hk:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hk})")
+    nq = (hq // hk) * t
+    dev = q.device
+    q = q if q.is_contiguous() else q.contiguous()
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    qg = q.view(b, hk, nq, d)
+    cfg = _config(nq, d, dev)
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    n_m = triton.cdiv(nq, cfg["BLOCK_M"])
+    splits = num_splits or _auto_splits(n_m * b * hk, n, cfg["BLOCK_N"], dev)
+    out = torch.empty(b, hq, t, d, dtype=torch.float32, device=dev)
+    lse = torch.empty(b, hq, t, dtype=torch.float32, device=dev)
+    out_g, lse_g = out.view(b, hk, 1, nq, d), lse.view(b, hk, 1, nq)
+    if splits == 1:
+        part_o, part_l = out_g, lse_g
+    else:
+        part_o = torch.empty(b, hk, splits, nq, d, dtype=torch.float32, device=dev)
+        part_l = torch.empty(b, hk, splits, nq, dtype=torch.float32, device=dev)
+    upcast = _interpret() or q.dtype != keys.dtype or keys.dtype != values.dtype
+    grid = (n_m, splits, b * hk)
+    _sparse_attn_kernel[grid](
+        qg, keys, values, pos, total, part_o, part_l,
+        qg.stride(0), qg.stride(1), qg.stride(2),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        pos.stride(0), pos.stride(1), total.stride(0), total.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
+        part_l.stride(0), part_l.stride(1), part_l.stride(2),
+        hk, nq, splits, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
+        block_s = min(triton.next_power_of_2(splits), 32)
+        _split_reduce_kernel[(nq, b * hk)](
+            part_o, part_l, out3, lse3,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
+            part_l.stride(0), part_l.stride(1), part_l.stride(2),
+            out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
+            hk, splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, num_warps=4,
+        )
+    return out, lse
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every query token over the kept fixed-context ranges (Triton; see
+    ``sparse_attention_ref``, same arguments and results).
+
+    Args:
+        q: [B, Hq, T, D] bf16/fp16/fp32; keys, values: [Hk, N, D] sorted order (last dim contiguous);
+        starts, ends: [B, Hk, R] int64 sorted, non-overlapping [start, end) ranges; counts: [B, Hk] int64,
+            entries at index >= count are ignored.
+        scale: softmax scale.
+        num_splits: split-K factor (default: enough programs for the device); block_n: keys per tile.
+    Returns:
+        out: [B, Hq, T, D] float32 (zeros where nothing is kept); lse: [B, Hq, T] float32 (-inf there).
+    """
+    b, hk, r = starts.shape
+    n = keys.shape[1]
+    if r == 0:
+        starts = torch.zeros(b, hk, 1, dtype=torch.int64, device=q.device)
+        ends, r = starts, 1
+    valid = torch.arange(r, device=starts.device) < counts.unsqueeze(-1)
+    lens = torch.where(valid, ends - starts, 0)
+    cum = torch.cumsum(lens, dim=-1, dtype=torch.int32)  # [B, Hk, R]
+    pos = expand_positions(cum, starts.to(torch.int32), n)
+    return _attend(q, keys, values, pos, cum[..., -1], scale, num_splits, block_n)
+
+
+def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int) -> torch.Tensor:
+    """[Hk, Cf + 1] fine offsets -> [Hk, Cf + 2] int32 first sorted position of each segment
+    (sinks, fine clusters, observation window). Depends only on the layer: compute it once."""
+    hk = fine_offsets.shape[0]
+    first = torch.zeros(hk, 1, dtype=torch.int32, device=fine_offsets.device)
+    last = torch.full((hk, 1), num_tokens - window_tokens, dtype=torch.int32, device=fine_offsets.device)
+    return torch.cat([first, fine_offsets[:, :-1].to(torch.int32), last], dim=1).contiguous()
+
+
+def sparse_attention_segments(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seg_cum: torch.Tensor,
+    seg_lows: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention from a segment table instead of ranges (no coalescing, no host sync).
+
+    Args:
+        q: [B, Hq, T, D]; keys, values: [Hk, N, D].
+        seg_cum: [B, Hk, Cf + 2] int32 inclusive cumsum of kept segment lengths (sinks, clusters, window),
+            e.g. from ``lookup.centroid_lookup_segments``.
+        seg_lows: [Hk, Cf + 2] int32 from ``segment_lows``.
+    Returns:
+        out [B, Hq, T, D] float32, lse [B, Hq, T] float32, as ``sparse_attention``.
+    """
+    n = keys.shape[1]
+    pos = expand_positions(seg_cum, seg_lows.unsqueeze(0), n)
+    return _attend(q, keys, values, pos, seg_cum[..., -1], scale, num_splits, block_n)

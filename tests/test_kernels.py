@@ -1,0 +1,428 @@
+"""Triton kernels vs their torch references, side by side on random inputs.
+
+On CPU the kernels run under the Triton interpreter at small sizes; ``-m gpu`` cases run real sizes on CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must happen before any Triton kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sqattn_index.kernels import reference as ref  # noqa: E402
+from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
+from sqattn_index.kernels.lookup import centroid_lookup, centroid_lookup_segments, centroid_probs  # noqa: E402
+from sqattn_index.kernels.merge import lse_merge  # noqa: E402
+from sqattn_index.kernels.sparse_attention import (  # noqa: E402
+    segment_lows,
+    sparse_attention,
+    sparse_attention_segments,
+)
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# The interpreter evaluates log(0) = -inf of empty softmax parts through numpy, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def rel_rms(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y|| / ||y|| in float64."""
+    x, y = x.double(), y.double()
+    return float((x - y).norm() / y.norm().clamp_min(1e-30))
+
+
+def attn_tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return 1e-5 if not CUDA else 3e-3  # tf32 tensor cores on the GPU
+    return 1e-5 if not CUDA else 1e-2  # the interpreter upcasts to fp32; GPU rounds p to bf16/fp16
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+def make_layout(hk: int, n: int, sink: int, window: int, cc: int, gen: torch.Generator):
+    """Ragged fine/coarse clustering of the sorted positions [sink, n - window) for every head.
+
+    Returns fine_offsets [Hk, Cf + 1], fine_sizes [Hk, Cf], coarse_offsets [Hk, Cc + 1], coarse_sizes [Hk, Cc]
+    (every head has the same Cf and Cc, as in ``LayerKV``).
+    """
+    span = n - sink - window
+    cf = max(cc, span // 12)
+    fine_offsets, coarse_offsets = [], []
+    for _ in range(hk):
+        cuts = torch.randperm(span - 1, generator=gen)[: cf - 1] + 1  # cf ragged, non-empty fine clusters
+        fo = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([span])]) + sink
+        ccuts = torch.randperm(cf - 1, generator=gen)[: cc - 1] + 1
+        co = torch.cat([torch.tensor([0]), ccuts.sort().values, torch.tensor([cf])])
+        fine_offsets.append(fo)
+        coarse_offsets.append(co)
+    fine_offsets = torch.stack(fine_offsets)
+    coarse_offsets = torch.stack(coarse_offsets)
+    fine_sizes = fine_offsets.diff(dim=1)
+    csum = torch.cat([torch.zeros(hk, 1, dtype=torch.int64), fine_sizes.cumsum(1)], 1)
+    coarse_sizes = csum.gather(1, coarse_offsets[:, 1:]) - csum.gather(1, coarse_offsets[:, :-1])
+    return fine_offsets, fine_sizes, coarse_offsets, coarse_sizes
+
+
+def make_centroids(keys: torch.Tensor, fine_offsets, fine_sizes, coarse_offsets, coarse_sizes):
+    """Fine centroids = mean of each cluster's keys; coarse = size-weighted mean of fine centroids."""
+    hk, _, d = keys.shape
+    kf = keys.float()
+    csum = torch.cat([torch.zeros(hk, 1, d), kf.cumsum(1)], 1)
+    fine = (csum.gather(1, fine_offsets[:, 1:, None].expand(-1, -1, d))
+            - csum.gather(1, fine_offsets[:, :-1, None].expand(-1, -1, d))) / fine_sizes[..., None]
+    w = torch.cat([torch.zeros(hk, 1, d), (fine * fine_sizes[..., None]).cumsum(1)], 1)
+    coarse = (w.gather(1, coarse_offsets[:, 1:, None].expand(-1, -1, d))
+              - w.gather(1, coarse_offsets[:, :-1, None].expand(-1, -1, d))) / coarse_sizes[..., None]
+    return fine.contiguous(), coarse.contiguous()
+
+
+def clustered_keys(hk, n, d, fine_offsets, gen, spread=0.5):
+    """Keys with cluster structure: a random centre per fine cluster plus noise (sinks/window random)."""
+    keys = torch.randn(hk, n, d, generator=gen)
+    for h in range(hk):
+        sizes = fine_offsets[h].diff()
+        centres = torch.randn(len(sizes), d, generator=gen) * 1.5
+        s, e = int(fine_offsets[h, 0]), int(fine_offsets[h, -1])
+        keys[h, s:e] = centres.repeat_interleave(sizes, 0) + spread * keys[h, s:e]
+    return keys
+
+
+def random_ranges(b, hk, n, gen, empty_heads=()):
+    """Sorted, coalesced, padded ranges with ragged sizes (1 to ~n/4 keys); heads in ``empty_heads`` keep nothing."""
+    starts, ends, counts = [], [], []
+    for bi in range(b):
+        for h in range(hk):
+            cuts = (torch.randperm(n - 1, generator=gen)[: int(torch.randint(2, 24, (1,), generator=gen))] + 1)
+            edges = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([n])])
+            segs = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+            keep = [s for i, s in enumerate(segs) if i % 2 == int(torch.randint(0, 2, (1,), generator=gen))]
+            if (bi, h) in empty_heads:
+                keep = []
+            starts.append([s for s, _ in keep])
+            ends.append([e for _, e in keep])
+            counts.append(len(keep))
+    r = max(max(counts), 1)
+    st = torch.zeros(b * hk, r, dtype=torch.int64)
+    en = torch.zeros(b * hk, r, dtype=torch.int64)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        st[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
+        en[i, : len(e)] = torch.tensor(e, dtype=torch.int64)
+    return st.view(b, hk, r), en.view(b, hk, r), torch.tensor(counts).view(b, hk)
+
+
+# ----------------------------------------------------------------------------------------------- sparse attention
+
+
+def _check_attention(out, lse, rout, rlse, counts, g, tol):
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.shape == rout.shape and lse.shape == rlse.shape
+    assert torch.isfinite(out).all(), "NaN/inf in out"
+    empty = (counts == 0).repeat_interleave(g, dim=1)  # [B, Hq]
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert rel_rms(out, rout) < tol
+    finite = torch.isfinite(rlse)
+    if finite.any():
+        assert (lse[finite] - rlse[finite]).abs().max() < 50 * tol + 1e-5
+
+
+SPARSE_CASES = [
+    pytest.param(1, 2, 4, 1, 300, 128, "bf16", None, id="decode-B1-G4-D128-bf16"),
+    pytest.param(2, 2, 1, 1, 257, 64, "fp16", 3, id="decode-B2-G1-D64-fp16-split3"),
+    pytest.param(2, 1, 3, 1, 200, 64, "fp32", 1, id="decode-B2-G3-D64-fp32-nosplit"),
+    pytest.param(2, 2, 2, 9, 230, 64, "bf16", 2, id="prefill-B2-G2-T9-D64-bf16"),
+    pytest.param(1, 2, 1, 40, 190, 128, "fp32", None, id="prefill-B1-G1-T40-D128-fp32"),
+    pytest.param(1, 1, 2, 20, 150, 128, "fp16", 4, id="prefill-B1-G2-T20-D128-fp16-split4"),
+]
+
+
+@pytest.mark.parametrize("b,hk,g,t,n,d,dt,splits", SPARSE_CASES)
+def test_sparse_attention_matches_ref(b, hk, g, t, n, d, dt, splits):
+    gen = torch.Generator().manual_seed(1000 * b + 100 * g + t + d)
+    dtype = DTYPES[dt]
+    q = torch.randn(b, hk * g, t, d, generator=gen).to(dtype).to(DEV)
+    keys = torch.randn(hk, n, d, generator=gen).to(dtype).to(DEV)
+    values = torch.randn(hk, n, d, generator=gen).to(dtype).to(DEV)
+    starts, ends, counts = (x.to(DEV) for x in random_ranges(b, hk, n, gen, empty_heads={(b - 1, hk - 1)}))
+    scale = d ** -0.5
+    out, lse = sparse_attention(q, keys, values, starts, ends, counts, scale, num_splits=splits)
+    rout, rlse = ref.sparse_attention_ref(q, keys, values, starts, ends, counts, scale)
+    _check_attention(out, lse, rout, rlse, counts, g, attn_tol(dtype))
+
+
+def test_sparse_attention_nothing_kept():
+    q = torch.randn(1, 4, 2, 64).to(DEV)
+    keys = torch.randn(2, 50, 64).to(DEV)
+    zeros = torch.zeros(1, 2, 1, dtype=torch.int64, device=DEV)
+    out, lse = sparse_attention(q, keys, keys, zeros, zeros, zeros[..., 0], 0.125)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_sparse_attention_strided_kv():
+    """K/V as a head-major slice of a larger cache (non-contiguous head stride)."""
+    gen = torch.Generator().manual_seed(7)
+    big = torch.randn(2, 3, 120, 64, generator=gen).to(DEV)  # [Hk, 3, N, D]
+    keys, values = big[:, 0], big[:, 2]
+    q = torch.randn(1, 4, 1, 64, generator=gen).to(DEV)
+    starts, ends, counts = (x.to(DEV) for x in random_ranges(1, 2, 120, gen))
+    out, lse = sparse_attention(q, keys, values, starts, ends, counts, 0.125)
+    rout, rlse = ref.sparse_attention_ref(q, keys, values, starts, ends, counts, 0.125)
+    _check_attention(out, lse, rout, rlse, counts, 2, attn_tol(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------- lookup
+
+
+def _ref_probs(q, fc, fs, cc, cs, co, scale, coarse_keep=None):
+    """Reference per-key probabilities: coarse [B, Hk, Cc], and fine [B, Hk, Cf] given the coarse keep."""
+    qf = q.float()
+    b, hk, _, _ = qf.shape
+    cf = fc.shape[1]
+    fine_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, fc.float())
+    fls = fs.float().log().view(1, hk, 1, cf)
+    if cc is None:
+        return ref._per_key_probs(fine_logits, fls), None
+    ncc = cc.shape[1]
+    cls = cs.float().log().view(1, hk, 1, ncc)
+    coarse_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, cc.float())
+    coarse_probs = ref._per_key_probs(coarse_logits, cls)
+    if coarse_keep is None:
+        return None, coarse_probs
+    parent = ref._fine_parent(co, cf)
+    allowed = coarse_keep.gather(-1, parent.unsqueeze(0).expand(b, hk, cf))
+    extra = torch.logsumexp(torch.where(~coarse_keep.unsqueeze(2), coarse_logits + cls, float("-inf")), dim=-1)
+    masked = torch.where(allowed.unsqueeze(2), fine_logits, float("-inf"))
+    return ref._per_key_probs(masked, fls, extra), coarse_probs
+
+
+def midpoint_threshold(probs: torch.Tensor, frac: float, min_gap: float = 1e-3) -> torch.Tensor:
+    """[B, Hk, C] -> [Hk]: per head, a threshold halfway between two neighbouring distinct probabilities
+    near the ``frac`` quantile, chosen where their relative gap is widest so rounding cannot flip a decision."""
+    b, hk, c = probs.shape
+    out = []
+    for h in range(hk):
+        vals = probs[:, h].flatten().double().unique().sort().values
+        vals = vals[vals > 0]
+        if len(vals) < 2:
+            out.append(float(vals[0]) / 2 if len(vals) else 0.5)
+            continue
+        mid = int(frac * (len(vals) - 1))
+        lo, hi = max(0, mid - 4), min(len(vals) - 1, mid + 4)
+        gaps = (vals[lo + 1: hi + 1] - vals[lo:hi]) / vals[lo + 1: hi + 1]
+        i = lo + int(gaps.argmax())
+        assert float(gaps.max()) > min_gap, "no safe threshold; change the seed"
+        out.append(float(vals[i] + vals[i + 1]) / 2)
+    return torch.tensor(out, dtype=torch.float32, device=probs.device)
+
+
+def make_lookup_case(b, hk, nq, d, n, cc, dt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sink, window = 2, 5
+    fo, fs, co, cs = make_layout(hk, n, sink, window, cc, gen)
+    keys = clustered_keys(hk, n, d, fo, gen)
+    fc, ccent = make_centroids(keys, fo, fs, co, cs)
+    q = (2.0 * torch.randn(b, hk, nq, d, generator=gen)).to(DTYPES[dt])
+    to = lambda *xs: [x.to(DEV) for x in xs]  # noqa: E731
+    return to(q, fc, fs, ccent, cs, co, fo, keys), (sink, window, n)
+
+
+LOOKUP_CASES = [
+    pytest.param(1, 2, 4, 64, 400, 4, "bf16", True, id="decode-B1-G4-D64-bf16-hier"),
+    pytest.param(2, 2, 1, 128, 500, 5, "fp32", True, id="decode-B2-G1-D128-fp32-hier"),
+    pytest.param(2, 1, 24, 64, 450, 3, "fp16", True, id="prefill-B2-Q24-D64-fp16-hier"),
+    pytest.param(1, 2, 37, 128, 400, 4, "bf16", True, id="prefill-B1-Q37-D128-bf16-hier"),
+    pytest.param(2, 2, 3, 64, 300, 3, "fp32", False, id="decode-B2-Q3-D64-fp32-flat"),
+    pytest.param(1, 1, 20, 128, 350, 3, "bf16", False, id="prefill-B1-Q20-D128-bf16-flat"),
+]
+
+
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,hier", LOOKUP_CASES)
+def test_lookup_threshold_matches_ref(b, hk, nq, d, n, cc, dt, hier):
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=b * 31 + nq + d + cc)
+    scale = d ** -0.5
+    if hier:
+        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)
+        cthr = midpoint_threshold(cprobs, 0.5)
+        fprobs, _ = _ref_probs(q, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1))
+    else:
+        cthr = None
+        fprobs, _ = _ref_probs(q, fc, fs, None, None, None, scale)
+    thr = midpoint_threshold(fprobs, 0.6)
+    args = (q, fc, fs, ccent, cs, co, thr, cthr, None, None, scale, hier)
+    keep, read = centroid_lookup(*args)
+    rkeep, rread = ref.centroid_lookup_ref(*args)
+    assert keep.dtype == torch.bool and read.dtype == torch.int64
+    assert torch.equal(keep, rkeep), f"{int((keep != rkeep).sum())} keep decisions differ"
+    assert torch.equal(read, rread)
+    assert 0 < int(keep.sum()) < keep.numel()
+    probs, coarse_probs = centroid_probs(*args)
+    assert rel_rms(probs, fprobs) < 1e-5
+    if hier:
+        assert rel_rms(coarse_probs, cprobs) < 1e-5
+
+
+def _assert_budget_equal(keep, rkeep, probs):
+    """Budget decisions equal, except that clusters of (near-)equal probability may swap at the cut."""
+    diff = keep != rkeep
+    if not diff.any():
+        return
+    for bi, h in {(int(x), int(y)) for x, y, _ in diff.nonzero().tolist()}:
+        p = probs[bi, h]
+        cut = p[rkeep[bi, h]].min()
+        assert torch.allclose(p[diff[bi, h]], cut.expand(int(diff[bi, h].sum())), rtol=1e-4), "budget mismatch"
+
+
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,hier", LOOKUP_CASES)
+def test_lookup_budget_matches_ref(b, hk, nq, d, n, cc, dt, hier):
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=7 + b + nq + d)
+    scale = d ** -0.5
+    total = fs.sum(1).float()  # [Hk]
+    gen = torch.Generator().manual_seed(nq)
+    frac = 0.1 + 0.3 * torch.rand(b, hk, generator=gen).to(DEV)
+    budget = frac * total
+    coarse_budget = (3 * frac).clamp(max=1.0) * total
+    args = (q, fc, fs, ccent, cs, co, None, None, budget, coarse_budget, scale, hier)
+    keep, read = centroid_lookup(*args)
+    rkeep, rread = ref.centroid_lookup_ref(*args)
+    probs, _ = centroid_probs(*args)
+    _assert_budget_equal(keep, rkeep, probs)
+    assert torch.equal(read, rread)
+    kept = (keep * fs.unsqueeze(0)).sum(-1).float()
+    if not hier:  # hierarchical mode can be capped by the coarse budget
+        assert (kept >= budget).all()
+
+
+def test_lookup_rejects_both_modes():
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(1, 1, 2, 64, 200, 2, "fp32", seed=3)
+    thr = torch.full((1,), 0.01, device=DEV)
+    with pytest.raises(ValueError, match="exactly one"):
+        centroid_lookup(q, fc, fs, ccent, cs, co, thr, thr, torch.ones(1, 1, device=DEV), None, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------- lookup -> attention
+
+
+@pytest.mark.parametrize("mode", [pytest.param("threshold", id="threshold"), pytest.param("budget", id="budget")])
+@pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6")])
+def test_lookup_segments_then_attention(mode, g, t):
+    b, hk, d, n = 2, 2, 64, 360
+    (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g * t, d, n, 4, "fp32", 11)
+    q = q4.reshape(b, hk * g, t, d)
+    values = torch.randn_like(keys)
+    scale = d ** -0.5
+    if mode == "threshold":
+        _, cprobs = _ref_probs(q4, fc, fs, ccent, cs, co, scale)
+        cthr = midpoint_threshold(cprobs, 0.4)
+        fprobs, _ = _ref_probs(q4, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1))
+        sel = (midpoint_threshold(fprobs, 0.5), cthr, None, None)
+    else:
+        total = fs.sum(1).float().expand(b, hk)
+        sel = (None, None, 0.2 * total, 0.6 * total)
+    args = (q4, fc, fs, ccent, cs, co, *sel, scale, True)
+    keep, read, seg_cum = centroid_lookup_segments(*args, sink_tokens=sink, window_tokens=window)
+    rkeep, _ = ref.centroid_lookup_ref(*args)
+    assert torch.equal(keep, rkeep)
+    lens = torch.cat([torch.full((b, hk, 1), sink, device=DEV), torch.where(keep, fs.unsqueeze(0), 0),
+                      torch.full((b, hk, 1), window, device=DEV)], dim=-1)
+    assert torch.equal(seg_cum.long(), lens.cumsum(-1))
+    out, lse = sparse_attention_segments(q, keys, values, seg_cum, segment_lows(fo, n, window), scale, num_splits=2)
+    s, e, c = ref.ranges_from_mask_ref(keep, fo, n, sink, window)
+    rout, rlse = ref.sparse_attention_ref(q, keys, values, s, e, c, scale)
+    _check_attention(out, lse, rout, rlse, c, g, attn_tol(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------- merge, dispatch
+
+
+@pytest.mark.parametrize("shape", [pytest.param((2, 3, 5, 64), id="B2-H3-T5-D64"),
+                                   pytest.param((1, 4, 1, 128), id="B1-H4-T1-D128")])
+def test_lse_merge_matches_ref(shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    oa, ob = (torch.randn(*shape, generator=gen).to(DEV) for _ in range(2))
+    la, lb = (3 * torch.randn(*shape[:-1], generator=gen).to(DEV) for _ in range(2))
+    la.view(-1)[::3] = float("-inf")  # empty first part
+    lb.view(-1)[::4] = float("-inf")  # empty second part (both empty at multiples of 12)
+    out, lse = lse_merge(oa, la, ob, lb)
+    rout, rlse = ref.lse_merge_ref(oa, la, ob, lb)
+    assert torch.isfinite(out).all()
+    assert rel_rms(out, rout) < 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    fin = torch.isfinite(rlse)
+    assert torch.allclose(lse[fin], rlse[fin], atol=1e-5)
+
+
+def test_dispatch_backends():
+    t = get_ops("torch")
+    assert t.backend == "torch" and t.centroid_lookup is ref.centroid_lookup_ref
+    assert t.sparse_attention is ref.sparse_attention_ref and t.lse_merge is ref.lse_merge_ref
+    tr = get_ops("triton")
+    assert tr.centroid_lookup is centroid_lookup and tr.sparse_attention is sparse_attention
+    assert tr.lse_merge is lse_merge and tr.ranges_from_mask is ref.ranges_from_mask_ref
+    assert tr.causal_attention is ref.causal_attention_ref
+    assert get_ops("auto").backend == ("triton" if CUDA else "torch")
+    with pytest.raises(ValueError, match="backend"):
+        get_ops("cuda")
+
+
+# ----------------------------------------------------------------------------------------------- GPU, real sizes
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,hk,g,t,d,dt", [
+    pytest.param(1, 8, 4, 1, 128, "bf16", id="decode-llama3-B1"),
+    pytest.param(2, 8, 4, 1, 128, "fp16", id="decode-llama3-B2-fp16"),
+    pytest.param(1, 32, 1, 1, 128, "bf16", id="decode-llama2-B1"),
+    pytest.param(1, 8, 4, 256, 128, "bf16", id="prefill-llama3-T256"),
+    pytest.param(2, 4, 2, 100, 64, "fp32", id="prefill-B2-D64-fp32"),
+])
+def test_gpu_sparse_attention_real_sizes(b, hk, g, t, d, dt):
+    n = 32768
+    gen = torch.Generator().manual_seed(t + d + b)
+    dtype = DTYPES[dt]
+    fo, _, _, _ = make_layout(hk, n, 4, 64, 64, gen)
+    keep = torch.rand(b, hk, fo.shape[1] - 1, generator=gen) < 0.1
+    keep[-1, -1] = False
+    s, e, c = ref.ranges_from_mask_ref(keep.to(DEV), fo.to(DEV), n, 4, 64)
+    q = torch.randn(b, hk * g, t, d, device=DEV, dtype=dtype)
+    keys = torch.randn(hk, n, d, device=DEV, dtype=dtype)
+    values = torch.randn(hk, n, d, device=DEV, dtype=dtype)
+    out, lse = sparse_attention(q, keys, values, s, e, c, d ** -0.5)
+    rout, rlse = ref.sparse_attention_ref(q, keys, values, s, e, c, d ** -0.5)
+    _check_attention(out, lse, rout, rlse, c, g, attn_tol(dtype))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,nq,hier,mode", [
+    pytest.param(1, 4, True, "threshold", id="decode-hier-threshold"),
+    pytest.param(2, 4, True, "budget", id="decode-hier-budget"),
+    pytest.param(1, 512, True, "threshold", id="prefill-hier-threshold"),
+    pytest.param(1, 4, False, "threshold", id="decode-flat-threshold"),
+])
+def test_gpu_lookup_real_sizes(b, nq, hier, mode):
+    hk, d, n = 8, 128, 32768
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, n // 256, "bf16", seed=nq + b)
+    scale = d ** -0.5
+    if mode == "threshold":
+        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)
+        cthr = midpoint_threshold(cprobs, 0.7, min_gap=1e-4) if hier else None
+        ck = cprobs >= cthr.view(1, hk, 1) if hier else None
+        fprobs, _ = _ref_probs(q, fc, fs, ccent if hier else None, cs, co, scale, coarse_keep=ck)
+        sel = (midpoint_threshold(fprobs, 0.9, min_gap=1e-4), cthr, None, None)
+    else:
+        total = fs.sum(1).float().expand(b, hk)
+        sel = (None, None, 0.1 * total, 0.3 * total)
+    args = (q, fc, fs, ccent, cs, co, *sel, scale, hier)
+    keep, read = centroid_lookup(*args)
+    rkeep, rread = ref.centroid_lookup_ref(*args)
+    if mode == "threshold":
+        assert torch.equal(keep, rkeep), f"{int((keep != rkeep).sum())} keep decisions differ"
+    else:
+        _assert_budget_equal(keep, rkeep, centroid_probs(*args)[0])
+    assert torch.equal(read, rread)
