@@ -23,11 +23,11 @@ class SqueezeConfig:
     sink_tokens: int = 4  # first tokens of the fixed context, always attended
     window_tokens: int = 64  # observation window: last tokens, always attended, calibration queries
     keys_per_fine: int = 16  # fine level: one centroid per this many keys
-    fine_per_coarse: int = 16  # coarse level: one centroid per this many fine centroids
+    fine_per_coarse: int = 4  # coarse level: one centroid per this many fine centroids (1 per 64 keys)
     kmeans_iters: int = 12
     seed: int = 0
     keep_ladder: tuple[float, ...] = DEFAULT_KEEP_LADDER
-    coarse_slack: float = 3.0  # coarse level keeps about this many times the fine keep fraction
+    coarse_slack: float = 5.0  # coarse level keeps about this many times the fine keep fraction
     hierarchical: bool = True
     selection: str = "threshold"  # "threshold" (calibrated) or "budget" (top clusters, exact fraction)
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"

@@ -25,7 +25,7 @@ class SelectionSpec:
     keep: float
     mode: str = "threshold"  # "threshold" | "budget" (dense when keep == 1.0)
     hierarchical: bool = True
-    coarse_slack: float = 3.0
+    coarse_slack: float = 5.0
 
     @classmethod
     def from_config(cls, keep: float, config: SqueezeConfig) -> "SelectionSpec":
