@@ -137,3 +137,19 @@ def test_unsupported_model_named(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*llama"):
         check_supported(model)
+
+
+def test_smollm2_calibration_on_observation_window(smol_engine):
+    from sqattn_index.calibration import measured_keep_fraction
+    from sqattn_index.kv_capture import capture_kv
+
+    engine, corpus, _ = smol_engine
+    window_q = capture_kv(engine.local, corpus.input_ids, window=engine.config.window_tokens).window_queries
+    for li in (0, 7, 15, 29):
+        layer = corpus.layers[li]
+        assert torch.isfinite(layer.thresholds).all() and torch.isfinite(layer.coarse_thresholds).all()
+        s, e = layer.clustered_range
+        for i, keep in enumerate(corpus.keep_ladder):
+            target = max(keep * layer.num_tokens - (layer.num_tokens - (e - s)), 0) / (e - s)
+            got = measured_keep_fraction(layer, window_q[li], i, engine.scale)
+            assert abs(got - target) <= 0.05, (li, keep, target, got)
