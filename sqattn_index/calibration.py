@@ -33,8 +33,8 @@ def threshold_for_fraction(probs: torch.Tensor, sizes: torch.Tensor, allowed: to
     cum = n.gather(-1, order).cumsum(-1) / total.unsqueeze(-1)  # kept share if threshold = p_sorted[i]
     idx = torch.searchsorted(cum.contiguous(), torch.full((hk, 1), fraction, device=p.device)).clamp(max=w * c - 1)
     thr = p_sorted.gather(-1, idx).squeeze(-1)
-    if fraction <= 0:
-        thr = torch.full_like(thr, float("inf"))
+    if fraction <= 0:  # keep nothing: above any probability, still finite
+        thr = torch.full_like(thr, 2.0)
     return torch.where(thr < 0, torch.zeros_like(thr), thr).float()
 
 
