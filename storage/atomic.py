@@ -183,9 +183,15 @@ def recover_locked(paths: IndexPaths) -> None:
         fsync_path(paths.parent)
 
 
-def swap_in(paths: IndexPaths) -> None:
-    """Caller holds the writer lock and ``paths.new`` is complete: make it the target (step 4, 5)."""
+def swap_in(paths: IndexPaths, uid: str) -> None:
+    """Caller holds the writer lock and ``paths.new`` is complete generation ``uid``: make it the target
+    (steps 4, 5)."""
     with _swap_lock(paths):
+        if not paths.new.exists():
+            # first persist only: a reader found no target but a complete N and rolled it forward already
+            if read_commit(paths.target).get("index_uid") != uid:
+                raise CorruptIndexError(f"{paths.new} vanished before it was swapped in; persist again.")
+            return
         if paths.target.exists():
             _rename(paths.target, paths.old, paths.parent)
             crash_point("aside")

@@ -147,7 +147,7 @@ def persist_index(
         except BaseException:
             shutil.rmtree(paths.new, ignore_errors=True)  # never swapped in; a crash leaves it to the next writer
             raise
-        swap_in(paths)
+        swap_in(paths, uid)
         if db_url is not None:
             engine = external_engine(db_url)
             try:

@@ -222,6 +222,25 @@ def test_failed_persist_keeps_old_index(tmp_path, template, index_a, index_b, mo
     assert_same(st.load_index_files(directory), template[1], index_a[0], index_a[2], index_a[3])
 
 
+def test_reader_repair_before_first_swap(tmp_path, index_a, monkeypatch):
+    """A reader that finds no target but a complete new generation rolls it forward; the writer copes."""
+    directory = tmp_path / "idx"
+    real_swap_in = store_module.swap_in
+    early = []
+
+    def reader_first(paths, uid):
+        early.append(st.load_index_files(directory))  # repairs: renames .idx.new to idx
+        assert directory.is_dir() and not paths.new.exists()
+        real_swap_in(paths, uid)
+
+    monkeypatch.setattr(store_module, "swap_in", reader_first)
+    written = persist(directory, index_a)
+    corpus, _, docs, nodes = index_a
+    assert_same(early[0], written, corpus, docs, nodes)
+    assert_same(st.load_index_files(directory), written, corpus, docs, nodes)
+    assert sorted(os.listdir(tmp_path)) == [".idx.lock", ".idx.swap.lock", "idx"]
+
+
 def test_foreign_directory_not_replaced(tmp_path, index_a):
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "notes.txt").write_text("mine")
