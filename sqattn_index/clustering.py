@@ -12,7 +12,7 @@ import torch
 
 from .corpus_kv import LayerKV
 
-__all__ = ["spherical_kmeans", "build_layer_clusters"]
+__all__ = ["spherical_kmeans", "build_layer_clusters", "assemble_layer", "assign_to_nearest"]
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,6 @@ def build_layer_clusters(keys: torch.Tensor, values: torch.Tensor, sink_tokens: 
     shrunk when the context is too short to leave at least one clustered token.
     """
     hk, n, d = keys.shape
-    dev = keys.device
     sink = min(sink_tokens, max(n - 1, 0))
     window = min(window_tokens, max(n - sink - 1, 0))
     m = n - sink - window
@@ -95,6 +94,23 @@ def build_layer_clusters(keys: torch.Tensor, values: torch.Tensor, sink_tokens: 
     fine_cent, fine_sizes = _segment_mean(mid, fine_labels, num_fine)  # raw-key means
     num_coarse = max(1, min(num_fine, round(num_fine / fine_per_coarse)))
     coarse_labels = spherical_kmeans(fine_cent, num_coarse, iters, seed + 1, weights=fine_sizes)  # [Hk, Cf]
+    return assemble_layer(keys, values, sink, window, fine_labels, coarse_labels, num_coarse)
+
+
+def assemble_layer(keys: torch.Tensor, values: torch.Tensor, sink: int, window: int, fine_labels: torch.Tensor,
+                   coarse_labels: torch.Tensor, num_coarse: int) -> LayerKV:
+    """Lay a clustered layer out in cluster order.
+
+    keys, values [Hk, N, D] original order; fine_labels [Hk, M] fine cluster of each clustered token
+    (M = N - sink - window, every fine cluster non-empty); coarse_labels [Hk, Cf] coarse parent of each fine
+    cluster (every coarse cluster non-empty). Centroids are recomputed as means of the raw keys.
+    """
+    hk, n, d = keys.shape
+    dev = keys.device
+    m = n - sink - window
+    num_fine = coarse_labels.shape[1]
+    mid = keys[:, sink:n - window]
+    fine_cent, fine_sizes = _segment_mean(mid, fine_labels, num_fine)
     coarse_cent, coarse_sizes = _segment_mean(fine_cent, coarse_labels, num_coarse, weights=fine_sizes)
     # Order fine clusters by coarse parent; tokens by (new) fine cluster; both stable.
     fine_order = torch.argsort(coarse_labels * num_fine + torch.arange(num_fine, device=dev), dim=1)  # [Hk, Cf]
@@ -125,3 +141,8 @@ def build_layer_clusters(keys: torch.Tensor, values: torch.Tensor, sink_tokens: 
     )
     layer.check()
     return layer
+
+
+def assign_to_nearest(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Fine label [H, M] of each key [H, M, D]: the centroid [H, C, D] of highest cosine similarity."""
+    return torch.bmm(_normalise(keys.float()), _normalise(centroids.float()).transpose(1, 2)).argmax(-1)

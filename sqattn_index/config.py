@@ -29,6 +29,7 @@ class SqueezeConfig:
     keep_ladder: tuple[float, ...] = DEFAULT_KEEP_LADDER
     coarse_slack: float = 5.0  # coarse level keeps about this many times the fine keep fraction
     hierarchical: bool = True
+    recluster_share: float = 0.25  # insert: full re-cluster once appended tokens pass this share of the corpus
     selection: str = "threshold"  # "threshold" (calibrated) or "budget" (top clusters, exact fraction)
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
     extra: dict = field(default_factory=dict)
@@ -54,6 +55,8 @@ class SqueezeConfig:
             raise ConfigError(f"selection must be 'threshold' or 'budget'; got {self.selection!r}.")
         if self.backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"backend must be 'auto', 'torch' or 'triton'; got {self.backend!r}.")
+        if not 0.0 <= self.recluster_share <= 1.0:
+            raise ConfigError(f"recluster_share must lie in [0, 1]; got {self.recluster_share!r}.")
         if self.coarse_slack < 1.0:
             raise ConfigError(f"coarse_slack must be >= 1; got {self.coarse_slack!r}.")
 

@@ -29,16 +29,8 @@ __all__ = ["SqueezedEngine", "Answer", "AnswerStream", "Score", "get_backend_ops
 
 def get_backend_ops(backend: str, device: torch.device):
     """The kernel ops for ``backend`` ("auto": Triton on CUDA, torch reference elsewhere)."""
-    try:
-        from .kernels.dispatch import get_ops
-    except ImportError:  # TEMP until dispatch lands
-        from types import SimpleNamespace
+    from .kernels.dispatch import get_ops
 
-        from .kernels import reference as r
-
-        return SimpleNamespace(centroid_lookup=r.centroid_lookup_ref, ranges_from_mask=r.ranges_from_mask_ref,
-                               sparse_attention=r.sparse_attention_ref, causal_attention=r.causal_attention_ref,
-                               lse_merge=r.lse_merge_ref)
     if backend == "auto" and device.type != "cuda":
         backend = "torch"
     return get_ops(backend)
@@ -118,6 +110,18 @@ class SqueezedEngine:
         corpus = CorpusKV(fixed.input_ids, layers, tuple(cfg.keep_ladder),
                           {"prefill": t1 - t0, "clustering": t2 - t1, "calibration": t3 - t2})
         return corpus, fixed.spans
+
+    def append_texts(self, corpus: CorpusKV, spans: list[tuple[int, int]], texts: list[str]):
+        """Exact insert: ``texts`` prefilled after the corpus; returns (new corpus, all spans)."""
+        from .updates import append_texts
+
+        return append_texts(self, corpus, spans, texts)
+
+    def remove_texts(self, corpus: CorpusKV, spans: list[tuple[int, int]], indices: list[int]):
+        """Exact delete of the texts at ``indices``; returns (new corpus, remaining spans)."""
+        from .updates import remove_texts
+
+        return remove_texts(self, corpus, spans, indices)
 
     # -------------------------------------------------------------------------------------------- answer
     def _check_room(self, corpus: CorpusKV, suffix_len: int, new_tokens: int) -> None:
