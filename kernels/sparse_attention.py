@@ -22,7 +22,7 @@ import triton.language as tl
 
 __all__ = [
     "sparse_attention",
-    "sparse_attention_segments",
+    "sparse_attention_positions",
     "segment_lows",
     "expand_positions",
 ]
@@ -38,11 +38,44 @@ def _interpret() -> bool:
 # ----------------------------------------------------------------------------------------------- kernels
 
 
+# Reductions and scans through tl.reduce / tl.associative_scan: Triton's jit-decorated standard library
+# (tl.sum, tl.max, tl.cdiv, tl.zeros, ...) cannot run under the interpreter when Triton was imported before
+# TRITON_INTERPRET was set (pytest conftests often import it); these can. Passing Triton's own combine
+# functions keeps the interpreter on its fast numpy paths.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maxc(a, b):
+    return tl.maximum(a, b)
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", None) or _add
+_max_combine = getattr(tl.standard, "_elementwise_max", None) or _maxc
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max_combine)
+
+
+@triton.jit
+def _cumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, _sum_combine)
+
+
 @triton.jit
 def _count_le(ptr, n, x, LOG_N: tl.constexpr):
     """For each element of ``x``: how many of the sorted ``ptr[0:n]`` are <= it (searchsorted, right)."""
-    lo = tl.zeros_like(x)
-    hi = tl.zeros_like(x) + n
+    lo = (x * 0)
+    hi = (x * 0) + n
     for _ in tl.static_range(LOG_N):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -67,34 +100,38 @@ def _expand_kernel(
     h = (pid_bh % HK).to(tl.int64)
     cum_row = CUM + b * s_cb + h * s_ch
     total = tl.load(cum_row + R - 1)
-    slots = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = slots < total
-    r = _count_le(cum_row, R, slots, LOG_R)  # range holding each slot
-    before = tl.load(cum_row + r - 1, mask=valid & (r > 0), other=0)
-    lo = tl.load(LO + b * s_lb + h * s_lh + r, mask=valid, other=0)
-    pos = lo + slots - before
-    tl.store(POS + b * s_pb + h * s_ph + slots, pos.to(tl.int32), mask=valid)
+    if pid * BLOCK < total:
+        slots = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = slots < total
+        r = _count_le(cum_row, R, slots, LOG_R)  # range holding each slot
+        before = tl.load(cum_row + r - 1, mask=valid & (r > 0), other=0)
+        lo = tl.load(LO + b * s_lb + h * s_lh + r, mask=valid, other=0)
+        pos = lo + slots - before
+        tl.store(POS + b * s_pb + h * s_ph + slots, pos.to(tl.int32), mask=valid)
 
 
 @triton.jit
 def _sparse_attn_kernel(
-    Q, K, V, POS, TOTAL, OUT, LSE,
+    Q, K, V, POS, TOTAL, OUT, LSE, FOUT, FLSE, CNT,
     s_qb, s_qh, s_qm,
     s_kh, s_kn, s_vh, s_vn,
     s_pb, s_ph, s_tb, s_th,
     s_ob, s_oh, s_os, s_om,
     s_lb, s_lh, s_ls,
+    s_fb, s_fh, s_fm, s_gb, s_gh,
     HK, NQ, NSPLIT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FUSE_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse).
+    With FUSE_REDUCE (one query block), the last program of a (b, h) to finish merges the partials."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
     total = tl.load(TOTAL + b * s_tb + h * s_th)
-    chunk = tl.cdiv(tl.cdiv(total, NSPLIT), BLOCK_N) * BLOCK_N
+    chunk = ((total + NSPLIT - 1) // NSPLIT + 15) // 16 * 16
     lo = pid_s * chunk
     hi = tl.minimum(lo + chunk, total)
 
@@ -112,8 +149,8 @@ def _sparse_attn_kernel(
     pos_base = POS + b * s_pb + h * s_ph
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for start in range(lo, hi, BLOCK_N):
         slots = start + offs_n
         n_ok = slots < hi
@@ -126,11 +163,11 @@ def _sparse_attn_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, _max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + _sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -141,6 +178,27 @@ def _sparse_attn_kernel(
     o_ptr = OUT + b * s_ob + h * s_oh + pid_s * s_os + offs_m[:, None] * s_om + offs_d[None, :]
     tl.store(o_ptr, out, mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * s_lb + h * s_lh + pid_s * s_ls + offs_m, lse, mask=m_ok)
+    if FUSE_REDUCE:
+        # Release our partial, count finished splits; the last one (acquire) merges every partial.
+        done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
+        if done == NSPLIT - 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            s_ok = offs_s < NSPLIT
+            for row in range(0, NQ):
+                pl = tl.load(LSE + b * s_lb + h * s_lh + offs_s * s_ls + row, mask=s_ok, other=float("-inf"),
+                             cache_modifier=".cg")
+                mx = _max(pl, axis=0)
+                mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+                w = tl.exp(pl - mx_safe)
+                den = _sum(w, axis=0)
+                po = tl.load(OUT + b * s_ob + h * s_oh + offs_s[:, None] * s_os + row * s_om + offs_d[None, :],
+                             mask=(s_ok & (w > 0.0))[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                den_safe = tl.where(den > 0.0, den, 1.0)
+                tl.store(FOUT + b * s_fb + h * s_fh + row * s_fm + offs_d, _sum(w[:, None] * po, axis=0) / den_safe,
+                         mask=d_ok)
+                fl = tl.where(den > 0.0, mx_safe + tl.log(den_safe), float("-inf"))
+                tl.store(FLSE + b * s_gb + h * s_gh + row + tl.arange(0, 1), fl + tl.full([1], 0.0, tl.float32))
+            tl.atomic_xchg(CNT + pid_bh, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -161,21 +219,21 @@ def _split_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m = tl.full([1], float("-inf"), tl.float32)
-    den = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = tl.full([1], 0.0, tl.float32)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
     for s0 in range(0, NSPLIT, BLOCK_S):
         ss = s0 + offs_s
         s_ok = ss < NSPLIT
         lse = tl.load(PL + b * s_plb + h * s_plh + ss * s_pls + row, mask=s_ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_new = tl.maximum(m, _max(lse, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp(lse - m_safe)  # [BLOCK_S], 0 for empty splits
         o = tl.load(PO + b * s_pob + h * s_poh + ss[:, None] * s_pos + row * s_pom + offs_d[None, :],
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         o = tl.where((w > 0.0)[:, None], o, 0.0)
         alpha = tl.exp(m - m_safe)
-        den = den * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        den = den * alpha + _sum(w, axis=0)
+        acc = acc * alpha + _sum(w[:, None] * o, axis=0)
         m = m_new
     has = den > 0.0
     den_safe = tl.where(has, den, 1.0)
@@ -205,8 +263,8 @@ def _config(nq: int, d: int, device: torch.device) -> dict:
 
 
 def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every multiprocessor a few programs, never chunks under one tile."""
-    want = triton.cdiv(4 * _num_sms(device), max(programs, 1))
+    """Enough splits to give every multiprocessor two programs, never more chunks than tiles."""
+    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
@@ -233,7 +291,21 @@ def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> to
     return pos
 
 
-def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None):
+_COUNTERS: dict = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 split counters, reused per (device, stream); every launch leaves them zero again."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None):
     """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``."""
     b, hq, t, d = q.shape
     hk, n, _ = keys.shape
@@ -246,6 +318,8 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None):
     values = values if values.stride(-1) == 1 else values.contiguous()
     qg = q.view(b, hk, nq, d)
     cfg = _config(nq, d, dev)
+    cfg.update(config or {})
+    fuse = cfg.pop("fuse_reduce", True)
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
     n_m = triton.cdiv(nq, cfg["BLOCK_M"])
@@ -260,20 +334,24 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None):
         part_l = torch.empty(b, hk, splits, nq, dtype=torch.float32, device=dev)
     upcast = _interpret() or q.dtype != keys.dtype or keys.dtype != values.dtype
     grid = (n_m, splits, b * hk)
+    fuse = fuse and splits > 1 and n_m == 1 and splits <= 256
+    out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
+    cnt = _counters(b * hk, dev) if fuse else lse3
     _sparse_attn_kernel[grid](
-        qg, keys, values, pos, total, part_o, part_l,
+        qg, keys, values, pos, total, part_o, part_l, out3, lse3, cnt,
         qg.stride(0), qg.stride(1), qg.stride(2),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         pos.stride(0), pos.stride(1), total.stride(0), total.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
+        out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=upcast, FUSE_REDUCE=fuse, BLOCK_S=triton.next_power_of_2(splits) if fuse else 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
-        out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
-        block_s = min(triton.next_power_of_2(splits), 32)
+    if splits > 1 and not fuse:
+        block_s = min(triton.next_power_of_2(splits), 128)
         _split_reduce_kernel[(nq, b * hk)](
             part_o, part_l, out3, lse3,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
@@ -329,27 +407,26 @@ def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int
     return torch.cat([first, fine_offsets[:, :-1].to(torch.int32), last], dim=1).contiguous()
 
 
-def sparse_attention_segments(
+def sparse_attention_positions(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    seg_cum: torch.Tensor,
-    seg_lows: torch.Tensor,
+    pos: torch.Tensor,
+    total: torch.Tensor,
     scale: float,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention from a segment table instead of ranges (no coalescing, no host sync).
+    """Sparse attention over the keys at sorted positions ``pos[b, h, :total[b, h]]`` (no host sync).
 
     Args:
         q: [B, Hq, T, D]; keys, values: [Hk, N, D].
-        seg_cum: [B, Hk, Cf + 2] int32 inclusive cumsum of kept segment lengths (sinks, clusters, window),
-            e.g. from ``lookup.centroid_lookup_segments``.
-        seg_lows: [Hk, Cf + 2] int32 from ``segment_lows``.
+        pos: [B, Hk, >= max total] int32 sorted positions of the kept keys, e.g. from
+            ``lookup.centroid_lookup_positions``; total: [B, Hk] int32 kept keys per head.
+        config: overrides of the launch settings (BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning.
     Returns:
         out [B, Hq, T, D] float32, lse [B, Hq, T] float32, as ``sparse_attention``.
     """
-    n = keys.shape[1]
-    pos = expand_positions(seg_cum, seg_lows.unsqueeze(0), n)
-    return _attend(q, keys, values, pos, seg_cum[..., -1], scale, num_splits, block_n)
+    return _attend(q, keys, values, pos, total, scale, num_splits, block_n, config)

@@ -13,13 +13,13 @@ if not torch.cuda.is_available():  # must happen before any Triton kernel is def
 
 from sqattn_index.kernels import reference as ref  # noqa: E402
 from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
-from sqattn_index.kernels.lookup import centroid_lookup, centroid_lookup_segments, centroid_probs  # noqa: E402
-from sqattn_index.kernels.merge import lse_merge  # noqa: E402
-from sqattn_index.kernels.sparse_attention import (  # noqa: E402
-    segment_lows,
-    sparse_attention,
-    sparse_attention_segments,
+from sqattn_index.kernels.lookup import (  # noqa: E402
+    centroid_lookup,
+    centroid_lookup_positions,
+    centroid_probs,
 )
+from sqattn_index.kernels.merge import lse_merge  # noqa: E402
+from sqattn_index.kernels.sparse_attention import sparse_attention, sparse_attention_positions  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -238,6 +238,7 @@ LOOKUP_CASES = [
     pytest.param(1, 2, 37, 128, 400, 4, "bf16", True, id="prefill-B1-Q37-D128-bf16-hier"),
     pytest.param(2, 2, 3, 64, 300, 3, "fp32", False, id="decode-B2-Q3-D64-fp32-flat"),
     pytest.param(1, 1, 20, 128, 350, 3, "bf16", False, id="prefill-B1-Q20-D128-bf16-flat"),
+    pytest.param(1, 1, 300, 64, 300, 3, "fp32", True, id="prefill-B1-Q300-D64-fp32-hier-querychunks"),
 ]
 
 
@@ -309,7 +310,7 @@ def test_lookup_rejects_both_modes():
 
 @pytest.mark.parametrize("mode", [pytest.param("threshold", id="threshold"), pytest.param("budget", id="budget")])
 @pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6")])
-def test_lookup_segments_then_attention(mode, g, t):
+def test_lookup_positions_then_attention(mode, g, t):
     b, hk, d, n = 2, 2, 64, 360
     (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g * t, d, n, 4, "fp32", 11)
     q = q4.reshape(b, hk * g, t, d)
@@ -324,13 +325,18 @@ def test_lookup_segments_then_attention(mode, g, t):
         total = fs.sum(1).float().expand(b, hk)
         sel = (None, None, 0.2 * total, 0.6 * total)
     args = (q4, fc, fs, ccent, cs, co, *sel, scale, True)
-    keep, read, seg_cum = centroid_lookup_segments(*args, sink_tokens=sink, window_tokens=window)
-    rkeep, _ = ref.centroid_lookup_ref(*args)
-    assert torch.equal(keep, rkeep)
-    lens = torch.cat([torch.full((b, hk, 1), sink, device=DEV), torch.where(keep, fs.unsqueeze(0), 0),
-                      torch.full((b, hk, 1), window, device=DEV)], dim=-1)
-    assert torch.equal(seg_cum.long(), lens.cumsum(-1))
-    out, lse = sparse_attention_segments(q, keys, values, seg_cum, segment_lows(fo, n, window), scale, num_splits=2)
+    keep, read, pos, total = centroid_lookup_positions(*args, fine_offsets=fo, num_tokens=n, sink_tokens=sink,
+                                                       window_tokens=window)
+    rkeep, rread = ref.centroid_lookup_ref(*args)
+    assert torch.equal(keep, rkeep) and torch.equal(read, rread)
+    kept = torch.cat([torch.arange(sink), torch.arange(n - window, n)]).to(DEV)
+    for bi in range(b):
+        for h in range(hk):
+            mid = [torch.arange(int(fo[h, j]), int(fo[h, j + 1]), device=DEV) for j in keep[bi, h].nonzero().flatten()]
+            want = torch.cat([kept[:sink], *mid, kept[sink:]])
+            assert int(total[bi, h]) == want.numel()
+            assert torch.equal(pos[bi, h, : want.numel()].long(), want)
+    out, lse = sparse_attention_positions(q, keys, values, pos, total, scale, num_splits=2)
     s, e, c = ref.ranges_from_mask_ref(keep, fo, n, sink, window)
     rout, rlse = ref.sparse_attention_ref(q, keys, values, s, e, c, scale)
     _check_attention(out, lse, rout, rlse, c, g, attn_tol(torch.float32))
