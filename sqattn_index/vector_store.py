@@ -48,14 +48,18 @@ class _Entry:
 
 
 def resolve_kv_dir(directory: str | os.PathLike) -> Path:
-    """The KV index folder of ``directory``: ``directory/sqattn_kv`` or ``directory`` itself."""
+    """The KV index folder of ``directory``: ``directory/sqattn_kv`` (a LlamaIndex persist dir) or
+    ``directory`` itself (a bare KV index). CorruptIndexError when neither holds one."""
     from .storage import index_exists
+    from .storage.atomic import COMMIT_FILE
 
     path = Path(directory)
-    for candidate in (path / KV_DIRNAME, path):
-        if index_exists(candidate):
-            return candidate
-    raise CorruptIndexError(f"no sqattn KV index under {path} (looked for {path / KV_DIRNAME} and {path}); "
+    kv = path / KV_DIRNAME
+    if any(p.exists() for p in (kv, path / f".{KV_DIRNAME}.old", path / f".{KV_DIRNAME}.new")) and index_exists(kv):
+        return kv
+    if (path / COMMIT_FILE).is_file():
+        return path
+    raise CorruptIndexError(f"no sqattn KV index under {path} (looked for {kv} and {path / COMMIT_FILE}); "
                             "persist an index there first or check the path.")
 
 
@@ -211,13 +215,10 @@ class SqueezedKVStore(BasePydanticVectorStore):
         if replaced:
             self._remove(replaced)
         new = [_Entry(n, node_text(n), (0, 0)) for n in nodes]
-        append = getattr(self._engine, "append_texts", None)
-        if self._corpus is not None and append is not None:
-            self._corpus, spans = append(self._corpus, [e.text for e in new])
-            for e, span in zip(new, spans):
-                e.span = (int(span[0]), int(span[1]))
+        if self._corpus is not None:  # exact incremental insert: continuation prefill after the corpus
+            self._corpus, spans = self._engine.append_texts(self._corpus, self.spans, [e.text for e in new])
             self._entries += new
-            self._baseline = None
+            self._set_spans(spans)
         else:
             self._entries += new
             self._rebuild(progress)
@@ -245,20 +246,20 @@ class SqueezedKVStore(BasePydanticVectorStore):
         if not ids:
             return
         self._require_llm()
-        remove_span = getattr(self._engine, "remove_span", None)
         gone = [i for i, e in enumerate(self._entries) if e.node.node_id in ids]
-        if remove_span is None or len(gone) == len(self._entries):
-            self._entries = [e for e in self._entries if e.node.node_id not in ids]
-            self._rebuild()
+        if len(gone) == len(self._entries):
+            self.clear()
             return
-        for i in reversed(gone):  # text plus one node separator, the way build_corpus lays them out
-            entries = self._entries
-            start = entries[i].span[0] if i + 1 < len(entries) else entries[i - 1].span[1]
-            end = entries[i + 1].span[0] if i + 1 < len(entries) else entries[i].span[1]
-            self._corpus = remove_span(self._corpus, start, end)
-            for later in entries[i + 1:]:
-                later.span = (later.span[0] - (end - start), later.span[1] - (end - start))
-            del entries[i]
+        # exact delete: the texts and their separators go, every token after them is re-encoded
+        self._corpus, spans = self._engine.remove_texts(self._corpus, self.spans, gone)
+        self._entries = [e for e in self._entries if e.node.node_id not in ids]
+        self._set_spans(spans)
+
+    def _set_spans(self, spans: Sequence[tuple[int, int]]) -> None:
+        if len(spans) != len(self._entries):  # internal invariant of the engine's update calls
+            raise AssertionError(f"engine returned {len(spans)} spans for {len(self._entries)} nodes")
+        for e, span in zip(self._entries, spans):
+            e.span = (int(span[0]), int(span[1]))
         self._baseline = None
 
     def _rebuild(self, progress: bool = False) -> None:
@@ -267,8 +268,7 @@ class SqueezedKVStore(BasePydanticVectorStore):
             self._corpus = None
             return
         self._corpus, spans = self._engine.build_corpus([e.text for e in self._entries], progress=progress)
-        for e, span in zip(self._entries, spans):
-            e.span = (int(span[0]), int(span[1]))
+        self._set_spans(spans)
 
     # ------------------------------------------------------------------------------------------ query
     def _matching(self, node_ids=None, doc_ids=None, filters: MetadataFilters | None = None) -> list[_Entry]:
