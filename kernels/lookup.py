@@ -1,24 +1,22 @@
 """Hierarchical centroid lookup in Triton (same contract as ``centroid_lookup_ref``).
 
-Per level, grid ``(cluster blocks, query chunks, B * Hk)``:
+Two kernels, each run per level over a grid ``(cluster groups, query chunks, B * Hk)``. A program owns a
+contiguous range of clusters: a block of ``BLOCK_C`` clusters (coarse level, flat lookup), or at the fine
+level of a hierarchical lookup the fine clusters of one coarse cluster, so a dropped coarse cluster costs its
+program nothing but writing zeros and the fine level does work only under kept coarse clusters.
 
-``_lse_kernel``    partial log-normalisers ``logsumexp_c(s * q.c + log n_c)`` of a block of clusters for every
-                   query, over the block's *selected* clusters (all; fine clusters under kept coarse parents;
-                   dropped coarse clusters). With few queries it also keeps the logits in a scratch buffer.
-``_prob_kernel``   reduces the partials to ``log Z_q`` and sums ``exp(s * q.c - log Z_q)`` over the queries:
-                   the per-key probability estimate of each cluster (divided by Q). With one query chunk it
-                   also decides ``keep`` against the threshold in-kernel, writes the dropped coarse clusters'
-                   partial log-normalisers (the coarse terms of the hierarchical denominator) and the kept
-                   segment lengths.
-``_coarse_decode_kernel``  the whole coarse level for few queries (decode) in one program per head.
-``_positions_kernel``      kept segment lengths -> sorted position of every kept key (for the sparse kernel),
-                   with no host sync.
+``_lse_kernel``   partial log-normalisers ``logsumexp_c(s * q.c + log n_c)`` of the program's selected clusters
+                  for each query (with few queries it keeps the logits in a scratch buffer too).
+``_prob_kernel``  reduces the partials to ``log Z_q`` and sums ``exp(s * q.c - log Z_q)`` over the queries: the
+                  per-key probability estimate of each cluster. With one query chunk it decides ``keep``
+                  against the threshold in-kernel, writes the dropped coarse clusters' partial log-normalisers
+                  (the coarse terms of the hierarchical denominator) and the kept segment lengths.
 
-Few queries (decode, ``Q <= 16``) score row by row in exact fp32 on CUDA cores; many queries use ``tl.dot``
-with ``precision`` "ieee" (exact fp32, default, so keep decisions match the reference except for ties within
-rounding) or "tf32" (much faster for prefill). Budget mode sorts the Triton-computed probabilities with torch
-(``_budget_mask`` of the reference). Centroid loads of unselected clusters are masked off, so the fine level
-reads only the centroids under kept coarse clusters.
+Scores: few queries (decode, Q <= 16) row by row in fp32 on CUDA cores; many queries with ``tl.dot``: the
+native 16-bit dot when queries and centroids share a 16-bit dtype (products of 16-bit numbers are exact in
+fp32, so this matches the reference's fp32 math up to summation order), else fp32 with ``precision`` "ieee"
+(default) or "tf32" (faster). Budget mode sorts the Triton-computed probabilities with torch
+(``_budget_mask`` of the reference).
 """
 
 from __future__ import annotations
@@ -30,9 +28,9 @@ import triton
 import triton.language as tl
 
 from .reference import _budget_mask
-from .sparse_attention import _count_le, _cumsum, _max, _sum, segment_lows
+from .sparse_attention import _max, _sum, kept_positions, segment_lows
 
-__all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs", "kept_positions"]
+__all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
 
 
 def _interpret() -> bool:
@@ -43,12 +41,12 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale,
-            BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr, PRECISION: tl.constexpr):
+def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+            ROWWISE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of queries q0 .. q0 + BLOCK_Q (those < q_hi; others 0)
-    against a block of centroids [BLOCK_C, BLOCK_D]."""
+    against a tile of centroids [BLOCK_C, BLOCK_D] (float32, or the native dtype when NATIVE)."""
     offs_qb = tl.arange(0, BLOCK_Q)
-    if ROWWISE:  # few queries: one exact fp32 multiply-reduce per query row, on CUDA cores
+    if ROWWISE:  # few queries: one fp32 multiply-reduce per query row, on CUDA cores
         out = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
         for i in tl.static_range(BLOCK_Q):
             qrow = tl.load(q_base + (q0 + i) * s_qm + offs_d, mask=d_ok & (offs_d * 0 + q0 + i < q_hi), other=0.0)
@@ -57,17 +55,33 @@ def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale,
         return out * scale
     offs_q = q0 + offs_qb
     qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :], mask=(offs_q < q_hi)[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    return tl.dot(qv, tl.trans(cent), input_precision=PRECISION) * scale
+                 other=0.0)
+    if NATIVE:
+        return tl.dot(qv, tl.trans(cent)) * scale
+    return tl.dot(qv.to(tl.float32), tl.trans(cent), input_precision=PRECISION) * scale
 
 
 @triton.jit
-def _block_lse(logits, logn, sel):
-    """[BLOCK_Q, BLOCK_C] logits -> [BLOCK_Q] logsumexp of logits + log n over the selected clusters."""
-    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
-    mx = _max(t, axis=1)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log(_sum(tl.exp(t - mx_safe[:, None]), axis=1))
+def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
+    cent = tl.load(C + offs_c[:, None] * s_cc + offs_d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0)
+    if NATIVE:
+        return cent
+    return cent.to(tl.float32)
+
+
+@triton.jit
+def _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's cluster range [lo, hi) and whether it is active (int32 1: its coarse parent is kept).
+    (Masks combine with ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
+    if BY_PARENT:
+        lo = tl.load(COFF + h * s_oh + pid_c).to(tl.int32)
+        hi = tl.load(COFF + h * s_oh + pid_c + 1).to(tl.int32)
+        active = (tl.load(KEEPC + b * s_kb + h * s_kh + pid_c) != 0).to(tl.int32)
+    else:
+        lo = pid_c * BLOCK_C
+        hi = tl.minimum(lo + BLOCK_C, NC)
+        active = (lo < hi).to(tl.int32)
+    return lo, hi, active
 
 
 @triton.jit
@@ -92,66 +106,69 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 def _lse_kernel(
     Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq,
-    HK, NQ, NC, NCC, Q_PER_PROG, scale,
-    MODE: tl.constexpr,  # 0: all clusters, 1: fine under kept coarse parents (writes ALLOWED), 2: dropped coarse
-    STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
+    HK, NQ, NC, Q_PER_PROG, scale,
+    BY_PARENT: tl.constexpr,  # fine clusters of coarse cluster pid_c, active when it is kept (writes ALLOWED)
+    DROPPED: tl.constexpr,  # block of coarse clusters, selecting the dropped ones (KEEPC == 0)
+    STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    LOG_CC: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    lo, hi, active = _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
-    c_ok = offs_c < NC
-    d_ok = offs_d < HEAD_DIM
-    if MODE == 1:
-        parent = _count_le(COFF + h * s_oh + 1, NCC, offs_c, LOG_CC)
-        kc = tl.load(KEEPC + b * s_kb + h * s_kh + parent, mask=c_ok, other=0)
-        sel = c_ok & (kc != 0)
-        if pid_q == 0:
-            tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, sel.to(tl.uint8), mask=c_ok)
-    elif MODE == 2:
-        kc = tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=c_ok, other=1)
-        sel = c_ok & (kc == 0)
-    else:
-        sel = c_ok
-    n_sel = _sum(sel.to(tl.int32), axis=0)
-    part_base = PART + b * s_pb + h * s_ph + pid_c * s_pk
-    q_base = Q + b * s_qb + h * s_qh
+    offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b * s_qb + h * s_qh
+    part_base = PART + b * s_pb + h * s_ph + pid_c * s_pk
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
-    if n_sel > 0:
-        logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
-        cent = tl.load(C + h * s_ch + offs_c[:, None] * s_cc + offs_d[None, :],
-                       mask=sel[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        for q0 in range(q_lo, q_hi, BLOCK_Q):
-            offs_q = q0 + offs_qb
-            q_ok = offs_q < q_hi
-            logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
-                             PRECISION)
-            tl.store(part_base + offs_q, _block_lse(logits, logn, sel), mask=q_ok)
-            if STORE_LOGITS:
-                tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
-                         mask=q_ok[:, None] & sel[None, :])
-    else:
-        for q0 in range(q_lo, q_hi, BLOCK_Q):
-            offs_q = q0 + offs_qb
-            tl.store(part_base + offs_q, tl.full([BLOCK_Q], float("-inf"), tl.float32), mask=offs_q < q_hi)
+    if BY_PARENT:
+        if pid_q == 0:
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, (offs_c * 0 + active).to(tl.uint8),
+                         mask=offs_c < hi)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        offs_q = q0 + offs_qb
+        q_ok = offs_q < q_hi
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        s = tl.full([BLOCK_Q], 0.0, tl.float32)
+        if active > 0:
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                sel = offs_c < hi
+                if DROPPED:
+                    sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
+                cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
+                logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
+                                 NATIVE, PRECISION)
+                if STORE_LOGITS:
+                    tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
+                             mask=q_ok[:, None] & sel[None, :])
+                t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
+                m_new = tl.maximum(m, _max(t, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+                m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(part_base + offs_q, m_safe + tl.log(s), mask=q_ok)
 
 
 @triton.jit
 def _prob_kernel(
-    Q, C, SIZES, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS,
-    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_ab, s_ah, s_zb, s_zh,
-    s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_kb, s_kh, s_db, s_dh, s_dk, s_eb, s_eh,
-    s_gb, s_gh, s_gq,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
+    s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
     HK, NQ, NC, NB1, NB2, Q_PER_PROG, scale, sink_len, window_len,
-    HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr, HAS_PART2: tl.constexpr, FINISH: tl.constexpr, DECIDE: tl.constexpr,
-    WRITE_DROPPED: tl.constexpr, WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
+    BY_PARENT: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr, HAS_PART2: tl.constexpr,
+    FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
+    LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -160,236 +177,137 @@ def _prob_kernel(
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    lo, hi, active = _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
-    c_ok = offs_c < NC
     d_ok = offs_d < HEAD_DIM
-    if HAS_ALLOWED:
-        sel = c_ok & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
-    else:
-        sel = c_ok
-    n_sel = _sum(sel.to(tl.int32), axis=0)
-    # Dropped coarse clusters still need their logits (for the partial denominator): load every cluster then.
-    if WRITE_DROPPED:
-        load_ok = c_ok
-    else:
-        load_ok = sel
     q_base = Q + b * s_qb + h * s_qh
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
-    acc = tl.full([BLOCK_C], 0.0, tl.float32)
-    if LOAD_LOGITS:
-        cent = tl.full([BLOCK_C, BLOCK_D], 0.0, tl.float32)
-    else:
-        cent = tl.load(C + h * s_ch + offs_c[:, None] * s_cc + offs_d[None, :],
-                       mask=load_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    if n_sel > 0:
-        for q0 in range(q_lo, q_hi, BLOCK_Q):
-            offs_q = q0 + offs_qb
-            q_ok = offs_q < q_hi
-            if FUSED:
-                logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-                if HAS_PART2:
-                    logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-                    hi = tl.maximum(logz, logz2)
-                    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-                    logz = hi_safe + tl.log(tl.exp(logz - hi_safe) + tl.exp(logz2 - hi_safe))
-            else:
-                logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
-            logz = tl.where(q_ok, logz, 0.0)
-            if LOAD_LOGITS:
-                logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
-                                 mask=q_ok[:, None] & sel[None, :], other=0.0)
-            else:
-                logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
-                                 PRECISION)
-            p = tl.exp(logits - logz[:, None])
-            acc += _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
-    if FINISH:  # one query chunk: probabilities and decisions here
-        probs = acc / NQ
-        tl.store(PSUM + b * s_rb + h * s_rh + offs_c, probs, mask=c_ok)
-        if DECIDE:
-            keep = sel & (probs >= tl.load(THR + h))
-            tl.store(KEEP + b * s_kb + h * s_kh + offs_c, keep.to(tl.uint8), mask=c_ok)
-            if WRITE_DROPPED:
-                dropped = c_ok & ~keep
-                logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-                d_base = DPART + b * s_db + h * s_dh + pid_c * s_dk
-                for q0 in range(0, NQ, BLOCK_Q):
-                    offs_q = q0 + offs_qb
-                    q_ok = offs_q < NQ
-                    logits = _logits(q_base, s_qm, q0, NQ, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C,
-                                     ROWWISE, PRECISION)
-                    tl.store(d_base + offs_q, _block_lse(logits, logn, dropped), mask=q_ok)
-            if WRITE_SEGLEN:
-                size = tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=0)
-                g_base = SEGLEN + b * s_eb + h * s_eh
-                tl.store(g_base + 1 + offs_c, tl.where(keep, size, 0).to(tl.int32), mask=c_ok)
-                if pid_c == 0:
-                    ends = tl.arange(0, 2)
-                    tl.store(g_base + ends * (NC + 1), tl.where(ends == 0, sink_len, window_len).to(tl.int32))
-    else:  # partial sums over this query chunk; torch finishes
-        tl.store(PSUM + b * s_rb + h * s_rh + pid_q * s_rq + offs_c, acc, mask=c_ok)
-
-
-@triton.jit
-def _coarse_decode_kernel(
-    Q, C, SIZES, COFF, THR, PROBS, KEEP, EXTRA, READ, LOGITS,
-    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_oh, s_rb, s_rh, s_eb, s_eh, s_gb, s_gh, s_gq,
-    HK, NQ, NC, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The coarse level for few queries, one program per (batch, KV head): logits, log Z, probabilities,
-    threshold, the dropped clusters' log-normaliser (EXTRA [Q]) and the centroids read (READ)."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // HK).to(tl.int64)
-    h = (pid_bh % HK).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_cb = tl.arange(0, BLOCK_C)
-    d_ok = offs_d < HEAD_DIM
-    q_ok = offs_q < NQ
-    q_base = Q + b * s_qb + h * s_qh
-    g_base = LOGITS + b * s_gb + h * s_gh
-    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    s = tl.full([BLOCK_Q], 0.0, tl.float32)
-    for c0 in range(0, NC, BLOCK_C):  # pass 1: logits (kept in scratch) and log Z
+    for c0 in range(lo, hi, BLOCK_C):
         offs_c = c0 + offs_cb
-        c_ok = offs_c < NC
-        cent = tl.load(C + h * s_ch + offs_c[:, None] * s_cc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
-        logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-        logits = _logits(q_base, s_qm, 0, NQ, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, True, "ieee")
-        tl.store(g_base + offs_q[:, None] * s_gq + offs_c[None, :], logits, mask=q_ok[:, None] & c_ok[None, :])
-        t = tl.where(c_ok[None, :], logits + logn[None, :], float("-inf"))
-        m_new = tl.maximum(m, _max(t, axis=1))
-        s = s * tl.exp(m - m_new) + _sum(tl.exp(t - m_new[:, None]), axis=1)
-        m = m_new
-    logz = tl.where(q_ok, m + tl.log(s), 0.0)
-    thr = tl.load(THR + h)
-    dm = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    ds = tl.full([BLOCK_Q], 0.0, tl.float32)
-    n_read = NC * 0
-    for c0 in range(0, NC, BLOCK_C):  # pass 2: probabilities, keep, dropped log-normaliser
-        offs_c = c0 + offs_cb
-        c_ok = offs_c < NC
-        logits = tl.load(g_base + offs_q[:, None] * s_gq + offs_c[None, :], mask=q_ok[:, None] & c_ok[None, :],
-                         other=0.0)
-        p = tl.where(q_ok[:, None] & c_ok[None, :], tl.exp(logits - logz[:, None]), 0.0)
-        probs = _sum(p, axis=0) / NQ
-        keep = c_ok & (probs >= thr)
-        tl.store(PROBS + b * s_rb + h * s_rh + offs_c, probs, mask=c_ok)
-        tl.store(KEEP + b * s_rb + h * s_rh + offs_c, keep.to(tl.uint8), mask=c_ok)
-        lo = tl.load(COFF + h * s_oh + offs_c, mask=c_ok, other=0)
-        hi = tl.load(COFF + h * s_oh + offs_c + 1, mask=c_ok, other=0)
-        n_read += _sum(tl.where(keep, hi - lo, 0), axis=0).to(tl.int32)
-        logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-        t = tl.where((c_ok & ~keep)[None, :], logits + logn[None, :], float("-inf"))
-        dm_new = tl.maximum(dm, _max(t, axis=1))
-        dm_safe = tl.where(dm_new == float("-inf"), 0.0, dm_new)
-        ds = ds * tl.exp(dm - dm_safe) + _sum(tl.exp(t - dm_safe[:, None]), axis=1)
-        dm = dm_new
-    dm_safe = tl.where(dm == float("-inf"), 0.0, dm)
-    tl.store(EXTRA + b * s_eb + h * s_eh + offs_q, dm_safe + tl.log(ds), mask=q_ok)
-    tl.store(READ + pid_bh + tl.arange(0, 1), (n_read + NC).to(tl.int64) + tl.full([1], 0, tl.int64))
-
-
-@triton.jit
-def _positions_kernel(
-    SEGLEN, LOWS, POS, TOTAL,
-    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph,
-    HK, R,
-    BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Segment lengths [R] -> pos[b, h, i] = sorted position of kept key i (segments in order), and TOTAL."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
-    h = (pid_bh % HK).to(tl.int64)
-    e_base = SEGLEN + b * s_eb + h * s_eh
-    start = pid_s * BLOCK_S
-    offs_p = tl.arange(0, BLOCK_P)
-    prefix = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
-    for k0 in range(0, start, BLOCK_P):  # keys kept before this block of segments
-        kk = k0 + offs_p
-        prefix += _sum(tl.load(e_base + kk, mask=kk < start, other=0), axis=0)
-    offs = start + tl.arange(0, BLOCK_S)
-    ok = offs < R
-    ln = tl.load(e_base + offs, mask=ok, other=0)
-    excl = _cumsum(ln, axis=0) + prefix - ln
-    lo = tl.load(LOWS + b * s_lb + h * s_lh + offs, mask=ok, other=0)
-    offs_k = tl.arange(0, BLOCK_K)
-    p_base = POS + b * s_pb + h * s_ph
-    for k0 in range(0, _max(ln, axis=0), BLOCK_K):
-        kk = k0 + offs_k
-        tl.store(p_base + excl[:, None] + kk[None, :], lo[:, None] + kk[None, :], mask=kk[None, :] < ln[:, None])
-    if start + BLOCK_S >= R:  # last block
-        tl.store(TOTAL + pid_bh + tl.arange(0, 1), prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32))
+        c_ok = offs_c < hi
+        sel = c_ok & (offs_c * 0 + active > 0)
+        if HAS_ALLOWED:
+            sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
+        acc = tl.full([BLOCK_C], 0.0, tl.float32)
+        if WRITE_DROPPED:  # dropped coarse clusters need their logits too
+            cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
+        elif LOAD_LOGITS:
+            cent = tl.full([BLOCK_C, BLOCK_D], 0.0, tl.float32)
+        else:
+            cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+        if active > 0:
+            for q0 in range(q_lo, q_hi, BLOCK_Q):
+                offs_q = q0 + offs_qb
+                q_ok = offs_q < q_hi
+                if FUSED:
+                    logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+                    if HAS_PART2:
+                        logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P,
+                                              BLOCK_Q)
+                        top = tl.maximum(logz, logz2)
+                        top = tl.where(top == float("-inf"), 0.0, top)
+                        logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
+                else:
+                    logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+                logz = tl.where(q_ok, logz, 0.0)
+                if LOAD_LOGITS:
+                    logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
+                                     mask=q_ok[:, None] & sel[None, :], other=0.0)
+                else:
+                    logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
+                                     NATIVE, PRECISION)
+                p = tl.exp(logits - logz[:, None])
+                acc += _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
+        if FINISH:  # one query chunk: probabilities and decisions here
+            probs = acc / NQ
+            tl.store(PSUM + b * s_rb + h * s_rh + offs_c, probs, mask=c_ok)
+            if DECIDE:
+                keep = sel & (probs >= tl.load(THR + h))
+                tl.store(KEEP + b * s_rb + h * s_rh + offs_c, keep.to(tl.uint8), mask=c_ok)
+                if WRITE_DROPPED:  # block mode (one chunk): this block's dropped clusters' log-normaliser
+                    dropped = c_ok & ~keep
+                    logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
+                    for q0 in range(0, NQ, BLOCK_Q):
+                        offs_q = q0 + offs_qb
+                        logits = _logits(q_base, s_qm, q0, NQ, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
+                                         NATIVE, PRECISION)
+                        t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
+                        mx = _max(t, axis=1)
+                        mx = tl.where(mx == float("-inf"), 0.0, mx)
+                        tl.store(DPART + b * s_db + h * s_dh + pid_c * s_dk + offs_q,
+                                 mx + tl.log(_sum(tl.exp(t - mx[:, None]), axis=1)), mask=offs_q < NQ)
+                if WRITE_SEGLEN:
+                    size = tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=0)
+                    g_base = SEGLEN + b * s_eb + h * s_eh
+                    tl.store(g_base + 1 + offs_c, tl.where(keep, size, 0).to(tl.int32), mask=c_ok)
+                    if pid_c == 0:
+                        ends = tl.arange(0, 2)
+                        tl.store(g_base + ends * (NC + 1), tl.where(ends == 0, sink_len, window_len).to(tl.int32))
+        else:  # partial sums over this query chunk; torch finishes
+            tl.store(PSUM + b * s_rb + h * s_rh + pid_q * s_rq + offs_c, acc, mask=c_ok)
 
 
 # ----------------------------------------------------------------------------------------------- host side
 
 
-def _blocks(nq: int, precision: str) -> dict:
-    if nq <= 16:  # decode: row-wise fp32 scores
-        return dict(BLOCK_Q=max(2, triton.next_power_of_2(nq)), BLOCK_C=16 if _interpret() else 64, BLOCK_P=64,
-                    ROWWISE=True, num_warps=4)
-    if _interpret():
-        return dict(BLOCK_Q=16, BLOCK_C=16, BLOCK_P=16, ROWWISE=False, num_warps=4)
-    return dict(BLOCK_Q=64 if precision != "ieee" else 32, BLOCK_C=64, BLOCK_P=64, ROWWISE=False, num_warps=4)
-
-
-def _q_chunks(nq: int, cfg: dict) -> int:
-    """Query chunks per program grid: prefill spreads its queries over programs (256 queries each)."""
-    return 1 if nq <= 256 else triton.cdiv(nq, 256)
-
-
 class _Level:
-    """One level's tensors and launch helpers (fine or coarse)."""
+    """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
+    coarse parent (one program per coarse cluster)."""
 
-    def __init__(self, q, cent, sizes, scale, precision):
-        self.q, self.cent, self.sizes, self.scale, self.precision = q, cent, sizes, scale, precision
+    def __init__(self, q, cent, sizes, scale, precision, coff=None):
+        self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
-        self.cfg = _blocks(self.nq, precision)
-        self.nb = triton.cdiv(max(self.nc, 1), self.cfg["BLOCK_C"])
-        self.nqc = _q_chunks(self.nq, self.cfg)
+        self.rowwise = self.nq <= 16
+        self.native = (not self.rowwise and q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16)
+                       and not _interpret())
+        if self.rowwise:
+            block_q = max(2, triton.next_power_of_2(self.nq))
+        else:
+            block_q = 16 if _interpret() else 64
+        block_c = 16 if (_interpret() or coff is not None) else 64
+        self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4)
+        self.nb = coff.shape[1] - 1 if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
+        self.nqc = 1 if self.nq <= 256 else triton.cdiv(self.nq, 256)  # prefill spreads queries over programs
         self.q_per = triton.cdiv(self.nq, self.nqc)
         self.grid = (self.nb, self.nqc, self.b * self.hk)
-        self.fused = self.nqc == 1 and self.nq <= 64
-        self.store_logits = self.cfg["ROWWISE"]
+        self.fused = self.nqc == 1 and self.nq <= 64  # reduce the partials in the probability kernel
 
-    def _common(self):
+    def _common(self, keepc):
         c = self.cfg
+        coff = self.coff if self.coff is not None else self.sizes
         return dict(HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=c["BLOCK_Q"],
-                    BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=c["ROWWISE"], num_warps=c["num_warps"])
+                    BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=self.rowwise, NATIVE=self.native,
+                    BY_PARENT=self.coff is not None, num_warps=c["num_warps"]), keepc, coff
 
-    def lse(self, mode=0, keepc=None, coff=None):
-        """Partial log-normalisers [B, Hk, NB, Q], the allowed mask [B, Hk, C] uint8 (mode 1) and the
-        logits scratch [B, Hk, Q, C] (few queries; entries of unselected clusters unwritten)."""
+    def lse(self, keepc=None, dropped=False):
+        """Partial log-normalisers [B, Hk, NB, Q]; the allowed mask [B, Hk, C] uint8 (fine level grouped by
+        parent) and the logits scratch [B, Hk, Q, C] (few queries; entries of unselected clusters unwritten)."""
         q, cent, dev = self.q, self.cent, self.q.device
         part = torch.empty(self.b, self.hk, self.nb, self.nq, dtype=torch.float32, device=dev)
-        allowed = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if mode == 1 else part
-        store = self.store_logits and mode != 2
+        by_parent = self.coff is not None
+        allowed = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if by_parent else part
+        store = self.rowwise and not dropped
         logits = torch.empty(self.b, self.hk, self.nq, self.nc, dtype=torch.float32, device=dev) if store else part
-        keepc = keepc if keepc is not None else part
-        coff = coff if coff is not None else self.sizes
-        ncc = coff.shape[1] - 1 if mode == 1 else 1
+        common, keepc, coff = self._common(keepc if keepc is not None else part)
         _lse_kernel[self.grid](
             q, cent, self.sizes, keepc, coff, allowed, part, logits,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            self.hk, self.nq, self.nc, ncc, self.q_per, self.scale,
-            MODE=mode, STORE_LOGITS=store, LOG_CC=max(ncc.bit_length(), 1) + 1, **self._common(),
+            self.hk, self.nq, self.nc, self.q_per, self.scale,
+            DROPPED=dropped, STORE_LOGITS=store, **common,
         )
-        return part, (allowed if mode == 1 else None), (logits if store else None)
+        return part, (allowed if by_parent else None), (logits if store else None)
 
-    def probs(self, parts, allowed=None, thr=None, write_dropped=False, seglen=None, sink=0, window=0, logits=None):
-        """Per-key probabilities [B, Hk, C] float32, and with ``thr`` keep [B, Hk, C] uint8 (plus the dropped
-        clusters' partial log-normalisers when ``write_dropped``). ``parts``: partial log-normalisers
-        ([B, Hk, NB, Q] each) whose logsumexp is log Z."""
+    def probs(self, parts, keepc=None, allowed=None, thr=None, write_dropped=False, seglen=None, sink=0, window=0,
+              logits=None):
+        """Per-key probabilities [B, Hk, C] float32 and, with ``thr``, keep [B, Hk, C] uint8 (plus the
+        dropped clusters' partial log-normalisers [B, Hk, NB, Q] when ``write_dropped``). ``parts``: partial
+        log-normalisers [B, Hk, NB', Q] whose logsumexp is log Z."""
         q, cent, dev = self.q, self.cent, self.q.device
         part1 = parts[0]
         part2 = parts[1] if len(parts) > 1 else None
@@ -401,55 +319,36 @@ class _Level:
                 logz = torch.logaddexp(logz, torch.logsumexp(part2, dim=2))
         p2 = part2 if part2 is not None else part1
         finish = self.nqc == 1
-        psum = torch.empty(self.b, self.hk, self.nqc, self.nc, dtype=torch.float32, device=dev)
         decide = finish and thr is not None
-        keep = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if decide else None
+        psum = torch.empty(self.b, self.hk, self.nqc, self.nc, dtype=torch.float32, device=dev)
+        keep = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if decide else psum
         dpart = (torch.empty(self.b, self.hk, self.nb, self.nq, dtype=torch.float32, device=dev)
                  if write_dropped and decide else psum)
         alw = allowed if allowed is not None else psum
         seg = seglen if seglen is not None and decide else psum
         lg = logits if logits is not None else psum
-        kp = keep if keep is not None else psum
+        common, keepc, coff = self._common(keepc if keepc is not None else psum)
+        block_p = min(triton.next_power_of_2(max(part1.shape[2], p2.shape[2])), 512)
         _prob_kernel[self.grid](
-            q, cent, self.sizes, alw, logz, part1, p2, thr if thr is not None else psum, psum, kp, dpart, seg, lg,
+            q, cent, self.sizes, keepc, coff, alw, logz, part1, p2, thr if thr is not None else psum, psum, keep,
+            dpart, seg, lg,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
-            alw.stride(0), alw.stride(1), logz.stride(0), logz.stride(1),
-            part1.stride(0), part1.stride(1), part1.stride(2), p2.stride(0), p2.stride(1), p2.stride(2),
-            psum.stride(0), psum.stride(1), psum.stride(2), kp.stride(0), kp.stride(1),
-            dpart.stride(0), dpart.stride(1), dpart.stride(2), seg.stride(0), seg.stride(1),
+            keepc.stride(0), keepc.stride(1), coff.stride(0), alw.stride(0), alw.stride(1),
+            logz.stride(0), logz.stride(1), part1.stride(0), part1.stride(1), part1.stride(2),
+            p2.stride(0), p2.stride(1), p2.stride(2), psum.stride(0), psum.stride(1), psum.stride(2),
+            seg.stride(0), seg.stride(1), dpart.stride(0), dpart.stride(1), dpart.stride(2),
             lg.stride(0), lg.stride(1), lg.stride(2),
             self.hk, self.nq, self.nc, part1.shape[2], p2.shape[2], self.q_per, self.scale, sink, window,
-            HAS_ALLOWED=allowed is not None, FUSED=self.fused, HAS_PART2=part2 is not None and self.fused,
-            FINISH=finish, DECIDE=decide, WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
-            LOAD_LOGITS=logits is not None, BLOCK_P=self.cfg["BLOCK_P"], **self._common(),
+            HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
+            HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
+            WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
+            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common,
         )
-        if finish:
-            probs = psum[:, :, 0]
-        else:
-            probs = psum.sum(dim=2) / self.nq
+        probs = psum[:, :, 0] if finish else psum.sum(dim=2) / self.nq
         if thr is not None and not decide:  # many queries: decide here
             sel = allowed.bool() if allowed is not None else torch.ones_like(probs, dtype=torch.bool)
             keep = (sel & (probs >= thr.view(1, -1, 1))).to(torch.uint8)
-        return probs, keep, (dpart if write_dropped and decide else None)
-
-    def coarse_decode(self, thr, coff):
-        """The coarse level in one kernel (few queries, threshold mode): probs, keep, extra [B, Hk, 1, Q], read."""
-        q, cent, dev = self.q, self.cent, self.q.device
-        probs = torch.empty(self.b, self.hk, self.nc, dtype=torch.float32, device=dev)
-        keep = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev)
-        extra = torch.empty(self.b, self.hk, 1, self.nq, dtype=torch.float32, device=dev)
-        read = torch.empty(self.b, self.hk, dtype=torch.int64, device=dev)
-        logits = torch.empty(self.b, self.hk, self.nq, self.nc, dtype=torch.float32, device=dev)
-        _coarse_decode_kernel[(self.b * self.hk,)](
-            q, cent, self.sizes, coff, thr, probs, keep, extra, read, logits,
-            q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
-            coff.stride(0), probs.stride(0), probs.stride(1), extra.stride(0), extra.stride(1),
-            logits.stride(0), logits.stride(1), logits.stride(2),
-            self.hk, self.nq, self.nc, self.scale,
-            HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=self.cfg["BLOCK_Q"],
-            BLOCK_C=self.cfg["BLOCK_C"], num_warps=4 if self.d <= 64 else 8,
-        )
-        return probs, keep, extra, read
+        return probs, (keep if thr is not None else None), (dpart if write_dropped and decide else None)
 
 
 def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision):
@@ -465,40 +364,35 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0):
-    """The whole lookup. Returns keep [B, Hk, Cf] bool, read [B, Hk] int64, fine and coarse probabilities.
-    With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept length of every segment there."""
+    """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
+    the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
+    length of every segment (sinks, fine clusters, window) there."""
     _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision)
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
-    cf = fine_centroids.shape[1]
-    fine = _Level(q, fine_centroids, fine_sizes, scale, precision)
     thr = fine_threshold.float().contiguous() if fine_threshold is not None else None
-    coarse_probs = allowed = read = None
+    coarse_probs = allowed = None
     seg = dict(seglen=seglen, sink=sink, window=window)
     if not hierarchical:
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision)
         part, _, logits = fine.lse()
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
-        read = torch.full((b, hk), cf, dtype=torch.int64, device=q.device)
     else:
         coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision)
-        cthr = coarse_threshold.float().contiguous() if coarse_threshold is not None else None
-        if thr is not None and coarse.cfg["ROWWISE"]:
-            coarse_probs, keep_c, dpart, read = coarse.coarse_decode(cthr, coarse_offsets)
-        elif thr is not None:
-            part_c, _, logits_c = coarse.lse()
-            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True, logits=None)
-            if dpart is None:  # many queries: the dropped clusters' terms in a separate pass
-                dpart, _, _ = coarse.lse(mode=2, keepc=keep_c)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets)
+        part_c, _, logits_c = coarse.lse()
+        if thr is not None:
+            cthr = coarse_threshold.float().contiguous()
+            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True)
         else:
-            part_c, _, logits_c = coarse.lse()
             coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c)
             allowed_c = torch.ones(b, hk, coarse.nc, dtype=torch.bool, device=q.device)
             keep_c = _budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget).to(torch.uint8)
-            dpart, _, _ = coarse.lse(mode=2, keepc=keep_c)
-        part_f, allowed, logits = fine.lse(mode=1, keepc=keep_c, coff=coarse_offsets)
-        probs, keep, _ = fine.probs([part_f, dpart], allowed=allowed, thr=thr, logits=logits, **seg)
-        if read is None:
-            read = allowed.sum(-1) + coarse.nc
+            dpart = None
+        if dpart is None:  # the dropped coarse clusters' terms of the denominator, in a separate pass
+            dpart, _, _ = coarse.lse(keepc=keep_c, dropped=True)
+        part_f, allowed, logits = fine.lse(keepc=keep_c)
+        probs, keep, _ = fine.probs([part_f, dpart], keepc=keep_c, allowed=allowed, thr=thr, logits=logits, **seg)
     if thr is None:
         allowed_b = allowed.view(torch.bool) if allowed is not None else torch.ones_like(probs, dtype=torch.bool)
         keep = _budget_mask(probs, fine_sizes, allowed_b, budget)
@@ -507,7 +401,13 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     if seglen is not None and (thr is None or fine.nqc > 1):
         seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
         seglen[..., 0], seglen[..., -1] = sink, window
-    return keep, read.to(torch.int64), probs, coarse_probs
+    return keep, allowed, probs, coarse_probs
+
+
+def _read(allowed, b, hk, cf, cc, device):
+    if allowed is None:
+        return torch.full((b, hk), cf, dtype=torch.int64, device=device)
+    return allowed.sum(-1) + cc
 
 
 LOOKUP_DOC_ARGS = """
@@ -518,8 +418,8 @@ LOOKUP_DOC_ARGS = """
         fine_threshold / coarse_threshold: [Hk] float32 per-key probability thresholds (threshold mode), or None.
         budget / coarse_budget: [B, Hk] float32 keys to keep per level (budget mode), or None.
         scale: softmax scale; hierarchical: False for a flat lookup over every fine centroid.
-        precision: "ieee" (exact fp32 scores, default) or "tf32" (faster when Q > 16; decisions may differ
-            from the reference for clusters within about 1e-3 of the threshold).
+        precision: fp32 scores of many queries (Q > 16) against fp32 centroids: "ieee" (exact, default) or
+            "tf32" (faster; decisions may differ from the reference within about 1e-3 of a threshold).
 """
 
 
@@ -545,9 +445,10 @@ def centroid_lookup(
     Returns:
         keep [B, Hk, Cf] bool, centroids_read [B, Hk] int64.
     """
-    keep, read, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
-                            fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical, precision)
-    return keep, read
+    keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
+                               fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
+                               precision)
+    return keep, _read(allowed, *keep.shape, coarse_centroids.shape[1], q.device)
 
 
 centroid_lookup.__doc__ += LOOKUP_DOC_ARGS
@@ -562,35 +463,6 @@ def centroid_probs(*args, precision: str = "ieee", **kwargs) -> tuple[torch.Tens
     bound.setdefault("hierarchical", True)
     _, _, probs, coarse_probs = _run(**bound, precision=precision)
     return probs, coarse_probs
-
-
-def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment lengths -> sorted positions of the kept keys, without a host sync.
-
-    Args:
-        seglen: [B, Hk, R] int32 kept length of every segment (0 for dropped ones), in sorted order.
-        seg_lows: [B or 1, Hk, R] or [Hk, R] int32 first sorted position of each segment.
-        num_tokens: N, the bound on kept keys per head.
-    Returns:
-        pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head.
-    """
-    return _positions(seglen, seg_lows, num_tokens)
-
-
-def _positions(seglen, seg_lows, num_tokens):
-    b, hk, r = seglen.shape
-    lows = seg_lows if seg_lows.dim() == 3 else seg_lows.unsqueeze(0)
-    dev = seglen.device
-    pos = torch.empty(b, hk, max(num_tokens, 1), dtype=torch.int32, device=dev)
-    total = torch.empty(b, hk, dtype=torch.int32, device=dev)
-    block_s = 64 if _interpret() else 256
-    _positions_kernel[(triton.cdiv(r, block_s), b * hk)](
-        seglen, lows, pos, total,
-        seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
-        pos.stride(0), pos.stride(1),
-        hk, r, BLOCK_S=block_s, BLOCK_P=1024, BLOCK_K=16, num_warps=4,
-    )
-    return pos, total
 
 
 def centroid_lookup_positions(
@@ -614,11 +486,11 @@ def centroid_lookup_positions(
     window_tokens: int,
     precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``centroid_lookup`` plus the sorted positions of every kept key (sinks, kept clusters, window) for
+    """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
 
     Extra args: fine_offsets [Hk, Cf + 1] int64, or seg_lows [Hk, Cf + 2] int32 from
-    ``sparse_attention.segment_lows`` (precompute it once per layer); num_tokens N; sink_tokens; window_tokens.
+    ``sparse_attention.segment_lows`` (compute it once per layer); num_tokens N; sink_tokens; window_tokens.
     Returns:
         keep [B, Hk, Cf] bool, centroids_read [B, Hk] int64, pos [B, Hk, N] int32, total [B, Hk] int32.
     """
@@ -628,10 +500,13 @@ def centroid_lookup_positions(
         seg_lows = segment_lows(fine_offsets, num_tokens, window_tokens)
     b, hk = q.shape[:2]
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
-    keep, read, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
-                            fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
-                            precision, seglen=seglen, sink=sink_tokens, window=window_tokens)
-    pos, total = _positions(seglen, seg_lows, num_tokens)
+    keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
+                               fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
+                               precision, seglen=seglen, sink=sink_tokens, window=window_tokens)
+    pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed,
+                                      num_coarse=coarse_centroids.shape[1])
+    if read is None:
+        read = _read(None, b, hk, fine_centroids.shape[1], 0, q.device)
     return keep, read, pos, total
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_positions",
     "segment_lows",
+    "kept_positions",
     "expand_positions",
 ]
 
@@ -112,19 +113,17 @@ def _expand_kernel(
 
 @triton.jit
 def _sparse_attn_kernel(
-    Q, K, V, POS, TOTAL, OUT, LSE, FOUT, FLSE, CNT,
+    Q, K, V, POS, TOTAL, OUT, LSE,
     s_qb, s_qh, s_qm,
     s_kh, s_kn, s_vh, s_vn,
     s_pb, s_ph, s_tb, s_th,
     s_ob, s_oh, s_os, s_om,
     s_lb, s_lh, s_ls,
-    s_fb, s_fh, s_fm, s_gb, s_gh,
     HK, NQ, NSPLIT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, FUSE_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse).
-    With FUSE_REDUCE (one query block), the last program of a (b, h) to finish merges the partials."""
+    """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -151,10 +150,14 @@ def _sparse_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    pos_next = tl.load(pos_base + lo + offs_n, mask=lo + offs_n < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
         slots = start + offs_n
         n_ok = slots < hi
-        pos = tl.load(pos_base + slots, mask=n_ok, other=0).to(tl.int64)
+        pos = pos_next.to(tl.int64)
+        # the next tile's positions load now, so its K/V gathers need not wait for them
+        nxt = slots + BLOCK_N
+        pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + pos[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + pos[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -178,27 +181,47 @@ def _sparse_attn_kernel(
     o_ptr = OUT + b * s_ob + h * s_oh + pid_s * s_os + offs_m[:, None] * s_om + offs_d[None, :]
     tl.store(o_ptr, out, mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * s_lb + h * s_lh + pid_s * s_ls + offs_m, lse, mask=m_ok)
-    if FUSE_REDUCE:
-        # Release our partial, count finished splits; the last one (acquire) merges every partial.
-        done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
-        if done == NSPLIT - 1:
-            offs_s = tl.arange(0, BLOCK_S)
-            s_ok = offs_s < NSPLIT
-            for row in range(0, NQ):
-                pl = tl.load(LSE + b * s_lb + h * s_lh + offs_s * s_ls + row, mask=s_ok, other=float("-inf"),
-                             cache_modifier=".cg")
-                mx = _max(pl, axis=0)
-                mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-                w = tl.exp(pl - mx_safe)
-                den = _sum(w, axis=0)
-                po = tl.load(OUT + b * s_ob + h * s_oh + offs_s[:, None] * s_os + row * s_om + offs_d[None, :],
-                             mask=(s_ok & (w > 0.0))[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-                den_safe = tl.where(den > 0.0, den, 1.0)
-                tl.store(FOUT + b * s_fb + h * s_fh + row * s_fm + offs_d, _sum(w[:, None] * po, axis=0) / den_safe,
-                         mask=d_ok)
-                fl = tl.where(den > 0.0, mx_safe + tl.log(den_safe), float("-inf"))
-                tl.store(FLSE + b * s_gb + h * s_gh + row + tl.arange(0, 1), fl + tl.full([1], 0.0, tl.float32))
-            tl.atomic_xchg(CNT + pid_bh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _positions_kernel(
+    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ,
+    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah,
+    HK, R, NA, NCC,
+    HAS_READ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
+    with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
+    and sums the lengths before them itself (no second pass)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    e_base = SEGLEN + b * s_eb + h * s_eh
+    start = pid_s * BLOCK_S
+    offs_p = tl.arange(0, BLOCK_P)
+    prefix = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
+    for k0 in range(0, start, BLOCK_P):  # keys kept before this block of segments
+        kk = k0 + offs_p
+        prefix += _sum(tl.load(e_base + kk, mask=kk < start, other=0), axis=0)
+    offs = start + tl.arange(0, BLOCK_S)
+    ok = offs < R
+    ln = tl.load(e_base + offs, mask=ok, other=0)
+    excl = _cumsum(ln, axis=0) + prefix - ln
+    lo = tl.load(LOWS + b * s_lb + h * s_lh + offs, mask=ok, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    p_base = POS + b * s_pb + h * s_ph
+    for k0 in range(0, _max(ln, axis=0), BLOCK_K):
+        kk = k0 + offs_k
+        tl.store(p_base + excl[:, None] + kk[None, :], lo[:, None] + kk[None, :], mask=kk[None, :] < ln[:, None])
+    if start + BLOCK_S >= R:  # last block
+        tl.store(TOTAL + pid_bh + tl.arange(0, 1), prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32))
+        if HAS_READ:
+            n = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
+            for k0 in range(0, NA, BLOCK_P):
+                kk = k0 + offs_p
+                n += _sum(tl.load(ALLOWED + b * s_ab + h * s_ah + kk, mask=kk < NA, other=0).to(tl.int32), axis=0)
+            tl.store(READ + pid_bh + tl.arange(0, 1), (n + NCC).to(tl.int64) + tl.full([1], 0, tl.int64))
 
 
 @triton.jit
@@ -291,20 +314,6 @@ def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> to
     return pos
 
 
-_COUNTERS: dict = {}
-
-
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 split counters, reused per (device, stream); every launch leaves them zero again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None):
     """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``."""
     b, hq, t, d = q.shape
@@ -319,7 +328,6 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
     qg = q.view(b, hk, nq, d)
     cfg = _config(nq, d, dev)
     cfg.update(config or {})
-    fuse = cfg.pop("fuse_reduce", True)
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
     n_m = triton.cdiv(nq, cfg["BLOCK_M"])
@@ -334,23 +342,19 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l = torch.empty(b, hk, splits, nq, dtype=torch.float32, device=dev)
     upcast = _interpret() or q.dtype != keys.dtype or keys.dtype != values.dtype
     grid = (n_m, splits, b * hk)
-    fuse = fuse and splits > 1 and n_m == 1 and splits <= 256
-    out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
-    cnt = _counters(b * hk, dev) if fuse else lse3
     _sparse_attn_kernel[grid](
-        qg, keys, values, pos, total, part_o, part_l, out3, lse3, cnt,
+        qg, keys, values, pos, total, part_o, part_l,
         qg.stride(0), qg.stride(1), qg.stride(2),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         pos.stride(0), pos.stride(1), total.stride(0), total.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
-        out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, FUSE_REDUCE=fuse, BLOCK_S=triton.next_power_of_2(splits) if fuse else 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1 and not fuse:
+    if splits > 1:
+        out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
         block_s = min(triton.next_power_of_2(splits), 128)
         _split_reduce_kernel[(nq, b * hk)](
             part_o, part_l, out3, lse3,
@@ -405,6 +409,38 @@ def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int
     first = torch.zeros(hk, 1, dtype=torch.int32, device=fine_offsets.device)
     last = torch.full((hk, 1), num_tokens - window_tokens, dtype=torch.int32, device=fine_offsets.device)
     return torch.cat([first, fine_offsets[:, :-1].to(torch.int32), last], dim=1).contiguous()
+
+
+def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int, allowed: torch.Tensor | None = None,
+                   num_coarse: int = 0):
+    """Kept segment lengths -> sorted position of every kept key, without a host sync.
+
+    Args:
+        seglen: [B, Hk, R] int32 kept length of every segment (0 for dropped ones), in sorted order.
+        seg_lows: [Hk, R] or [B or 1, Hk, R] int32 first sorted position of each segment (``segment_lows``).
+        num_tokens: N, the bound on kept keys per head.
+        allowed: optional [B, Hk, Cf] uint8 fine clusters scored by the lookup, to count centroids read.
+    Returns:
+        pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head, and
+        read [B, Hk] int64 = num_coarse + allowed fine clusters (None without ``allowed``).
+    """
+    b, hk, r = seglen.shape
+    lows = seg_lows if seg_lows.dim() == 3 else seg_lows.unsqueeze(0)
+    dev = seglen.device
+    pos = torch.empty(b, hk, max(num_tokens, 1), dtype=torch.int32, device=dev)
+    total = torch.empty(b, hk, dtype=torch.int32, device=dev)
+    read = torch.empty(b, hk, dtype=torch.int64, device=dev) if allowed is not None else total
+    alw = allowed if allowed is not None else seglen
+    block_s = 64 if _interpret() else 256
+    _positions_kernel[(triton.cdiv(r, block_s), b * hk)](
+        seglen, lows, pos, total, alw, read,
+        seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
+        pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1),
+        hk, r, alw.shape[-1], num_coarse,
+        HAS_READ=allowed is not None, BLOCK_S=block_s, BLOCK_P=min(triton.next_power_of_2(r), 8192),
+        BLOCK_K=16, num_warps=4,
+    )
+    return pos, total, (read if allowed is not None else None)
 
 
 def sparse_attention_positions(

@@ -285,7 +285,7 @@ def sweep_sparse(q, layer, pos, total, scale, timer: Timer, kv_bytes: int, log) 
     auto = _auto_splits(triton_cdiv(nq, base["BLOCK_M"]) * b * hk, layer.keys.shape[1], base["BLOCK_N"], q.device)
     if nq <= 16:
         grid = [dict(BLOCK_N=bn, num_stages=st, num_warps=w) for bn in (32, 64, 128) for st in (2, 3, 4)
-                for w in (4,)] + [dict(fuse_reduce=False)]
+                for w in (4, 8)]
         splits = (auto, 2 * auto, 4 * auto, max(auto // 2, 1))
     else:
         grid = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st) for bm in (64, 128) for bn in (64, 128)

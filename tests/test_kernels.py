@@ -220,31 +220,33 @@ def midpoint_threshold(probs: torch.Tensor, frac: float, min_gap: float = 1e-3) 
     return torch.tensor(out, dtype=torch.float32, device=probs.device)
 
 
-def make_lookup_case(b, hk, nq, d, n, cc, dt, seed):
+def make_lookup_case(b, hk, nq, d, n, cc, dt, seed, cent_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     sink, window = 2, 5
     fo, fs, co, cs = make_layout(hk, n, sink, window, cc, gen)
     keys = clustered_keys(hk, n, d, fo, gen)
-    fc, ccent = make_centroids(keys, fo, fs, co, cs)
+    fc, ccent = (c.to(cent_dtype) for c in make_centroids(keys, fo, fs, co, cs))
     q = (2.0 * torch.randn(b, hk, nq, d, generator=gen)).to(DTYPES[dt])
     to = lambda *xs: [x.to(DEV) for x in xs]  # noqa: E731
     return to(q, fc, fs, ccent, cs, co, fo, keys), (sink, window, n)
 
 
-LOOKUP_CASES = [
-    pytest.param(1, 2, 4, 64, 400, 4, "bf16", True, id="decode-B1-G4-D64-bf16-hier"),
-    pytest.param(2, 2, 1, 128, 500, 5, "fp32", True, id="decode-B2-G1-D128-fp32-hier"),
-    pytest.param(2, 1, 24, 64, 450, 3, "fp16", True, id="prefill-B2-Q24-D64-fp16-hier"),
-    pytest.param(1, 2, 37, 128, 400, 4, "bf16", True, id="prefill-B1-Q37-D128-bf16-hier"),
-    pytest.param(2, 2, 3, 64, 300, 3, "fp32", False, id="decode-B2-Q3-D64-fp32-flat"),
-    pytest.param(1, 1, 20, 128, 350, 3, "bf16", False, id="prefill-B1-Q20-D128-bf16-flat"),
-    pytest.param(1, 1, 300, 64, 300, 3, "fp32", True, id="prefill-B1-Q300-D64-fp32-hier-querychunks"),
+LOOKUP_CASES = [  # b, hk, Q, D, N, Cc, query dtype, centroid dtype, hierarchical
+    pytest.param(1, 2, 4, 64, 400, 4, "bf16", "fp32", True, id="decode-B1-G4-D64-bf16-hier"),
+    pytest.param(2, 2, 1, 128, 500, 5, "fp32", "fp32", True, id="decode-B2-G1-D128-fp32-hier"),
+    pytest.param(2, 2, 4, 128, 400, 4, "bf16", "bf16", True, id="decode-B2-G4-D128-bf16-hier-bf16centroids"),
+    pytest.param(2, 1, 24, 64, 450, 3, "fp16", "fp32", True, id="prefill-B2-Q24-D64-fp16-hier"),
+    pytest.param(1, 2, 37, 128, 400, 4, "bf16", "fp32", True, id="prefill-B1-Q37-D128-bf16-hier"),
+    pytest.param(2, 2, 3, 64, 300, 3, "fp32", "fp32", False, id="decode-B2-Q3-D64-fp32-flat"),
+    pytest.param(1, 1, 20, 128, 350, 3, "bf16", "bf16", False, id="prefill-B1-Q20-D128-bf16-flat-bf16centroids"),
+    pytest.param(1, 1, 300, 64, 300, 3, "fp32", "fp32", True, id="prefill-B1-Q300-D64-fp32-hier-querychunks"),
 ]
 
 
-@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,hier", LOOKUP_CASES)
-def test_lookup_threshold_matches_ref(b, hk, nq, d, n, cc, dt, hier):
-    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=b * 31 + nq + d + cc)
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,cdt,hier", LOOKUP_CASES)
+def test_lookup_threshold_matches_ref(b, hk, nq, d, n, cc, dt, cdt, hier):
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=b * 31 + nq + d + cc,
+                                                           cent_dtype=DTYPES[cdt])
     scale = d ** -0.5
     if hier:
         _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)
@@ -278,9 +280,10 @@ def _assert_budget_equal(keep, rkeep, probs):
         assert torch.allclose(p[diff[bi, h]], cut.expand(int(diff[bi, h].sum())), rtol=1e-4), "budget mismatch"
 
 
-@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,hier", LOOKUP_CASES)
-def test_lookup_budget_matches_ref(b, hk, nq, d, n, cc, dt, hier):
-    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=7 + b + nq + d)
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,cdt,hier", LOOKUP_CASES)
+def test_lookup_budget_matches_ref(b, hk, nq, d, n, cc, dt, cdt, hier):
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=7 + b + nq + d,
+                                                           cent_dtype=DTYPES[cdt])
     scale = d ** -0.5
     total = fs.sum(1).float()  # [Hk]
     gen = torch.Generator().manual_seed(nq)
@@ -405,15 +408,19 @@ def test_gpu_sparse_attention_real_sizes(b, hk, g, t, d, dt):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("b,nq,hier,mode", [
-    pytest.param(1, 4, True, "threshold", id="decode-hier-threshold"),
-    pytest.param(2, 4, True, "budget", id="decode-hier-budget"),
-    pytest.param(1, 512, True, "threshold", id="prefill-hier-threshold"),
-    pytest.param(1, 4, False, "threshold", id="decode-flat-threshold"),
+@pytest.mark.parametrize("b,nq,hier,mode,cdt", [
+    pytest.param(1, 4, True, "threshold", "fp32", id="decode-hier-threshold"),
+    pytest.param(2, 4, True, "budget", "fp32", id="decode-hier-budget"),
+    pytest.param(1, 512, True, "threshold", "fp32", id="prefill-hier-threshold-fp32centroids"),
+    pytest.param(1, 512, True, "threshold", "bf16", id="prefill-hier-threshold-bf16centroids-native-dot"),
+    pytest.param(1, 2048, True, "budget", "bf16", id="prefill-hier-budget-bf16centroids-querychunks"),
+    pytest.param(1, 4, True, "threshold", "bf16", id="decode-hier-threshold-bf16centroids"),
+    pytest.param(1, 4, False, "threshold", "fp32", id="decode-flat-threshold"),
 ])
-def test_gpu_lookup_real_sizes(b, nq, hier, mode):
+def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt):
     hk, d, n = 8, 128, 32768
-    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, n // 256, "bf16", seed=nq + b)
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, n // 256, "bf16", seed=nq + b,
+                                                           cent_dtype=DTYPES[cdt])
     scale = d ** -0.5
     if mode == "threshold":
         _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)

@@ -9,6 +9,8 @@ mkdir -p "$OUT" /tmp/shim
 rm -rf /tmp/shim/sqattn_index && cp -r "$REPO/sqattn_index" /tmp/shim/
 ln -s "$REPO/kernels" /tmp/shim/sqattn_index/kernels
 ln -s "$REPO/storage" /tmp/shim/sqattn_index/storage
+# The GPU image has no llama_index: keep the package __init__ from importing the LlamaIndex layer there.
+python3 -c "import llama_index.core" 2>/dev/null || echo '"""sqattn_index (GPU shim: LlamaIndex layer not imported)."""' > /tmp/shim/sqattn_index/__init__.py
 export PYTHONPATH=/tmp/shim PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
