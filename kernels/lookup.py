@@ -64,9 +64,9 @@ def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q: tl.const
 @triton.jit
 def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
     cent = tl.load(C + offs_c[:, None] * s_cc + offs_d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0)
-    if NATIVE:
-        return cent
-    return cent.to(tl.float32)
+    if not NATIVE:
+        cent = cent.to(tl.float32)
+    return cent
 
 
 @triton.jit

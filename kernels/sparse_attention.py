@@ -282,6 +282,8 @@ def _config(nq: int, d: int, device: torch.device) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
     if nq <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if d > 64 and torch.cuda.get_device_capability(device)[0] >= 9:  # Hopper: 228 KB of shared memory
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if d <= 64 else 2)
 
 

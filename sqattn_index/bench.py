@@ -49,6 +49,7 @@ class BenchConfig:
     clustering: bool = True
     sweep: bool = False  # time launch settings of the sparse kernel at the first context, keep 0.1
     profile: bool = False  # print a per-kernel profile of the squeezed step at the first context, keep 0.1
+    append: bool = False  # merge into an existing results.json (same phase/shape/context/keep replaced)
     out: str = "docs/bench"
     device: str = "cuda"
     extra: dict = field(default_factory=dict)
@@ -444,6 +445,7 @@ def parse_args(argv) -> BenchConfig:
     p.add_argument("--no-clustering", dest="clustering", action="store_false")
     p.add_argument("--sweep", action="store_true", help="tune the sparse kernel at the first context")
     p.add_argument("--profile", action="store_true", help="per-kernel profile at the first context")
+    p.add_argument("--append", action="store_true", help="merge into an existing OUT/results.json")
     p.add_argument("--out", default=BenchConfig.out, help="folder for results.json and speedup.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
@@ -452,7 +454,7 @@ def parse_args(argv) -> BenchConfig:
             p.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
     return BenchConfig(contexts=a.contexts, keeps=a.keeps, shapes=a.shapes, prefill_tokens=a.prefill_tokens,
                        reps=a.reps, clustering=a.clustering, out=a.out, device=a.device,
-                       sweep=a.sweep, profile=a.profile)
+                       sweep=a.sweep, profile=a.profile, append=a.append)
 
 
 def main(argv=None) -> int:
@@ -467,10 +469,18 @@ def main(argv=None) -> int:
     log(f"device {device_name}, torch {torch.__version__}; copy {copy_gbps:.0f} GB/s (read + write)")
     rows = [dict(phase="copy", shape="-", context=None, keep=None, dense_ms=None, squeezed_ms=None, speedup=None,
                  achieved_gbps=None, copy_gbps=copy_gbps, device=device_name)]
+    old = []
+    if cfg.append and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+    key = lambda r: (r["phase"], r["shape"], r["context"], r["keep"])  # noqa: E731
+
+    def merged(new):
+        fresh = {key(r) for r in new}
+        return [r for r in old if key(r) not in fresh] + new
     for shape in cfg.shapes:
         for n in cfg.contexts:
             rows += run_shape_context(shape, n, cfg, timer, copy_gbps, device_name, log)
-            (out / "results.json").write_text(json.dumps(rows, indent=1))
+            (out / "results.json").write_text(json.dumps(merged(rows), indent=1))
     if cfg.clustering:
         try:
             r = clustering_row(cfg, timer, device_name, copy_gbps, log)
@@ -479,6 +489,7 @@ def main(argv=None) -> int:
             r = None
         if r:
             rows.append(r)
+    rows = merged(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     log(f"wrote {out / 'results.json'}" + (f" and {out / 'speedup.png'}" if plot(rows, out / "speedup.png") else ""))
     log(f"{'phase':22s} {'shape':10s} {'context':>8s} {'keep':>5s} {'dense':>8s} {'squeezed':>9s} {'speedup':>7s} {'GB/s':>6s}")
