@@ -129,7 +129,7 @@ class SqueezedCache(Cache):
 
     @property
     def kv_budget(self) -> float:
-        return self.read_bytes / self.dense_bytes if self.dense_bytes else 0.0
+        return float(self.read_bytes) / self.dense_bytes if self.dense_bytes else 0.0
 
     def attend(self, layer_idx: int, query, key, value, scale) -> torch.Tensor:
         """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32."""

@@ -44,8 +44,8 @@ class Selection:
     starts: torch.Tensor
     ends: torch.Tensor
     counts: torch.Tensor
-    tokens_read: int  # kept fixed-context tokens, summed over batch and KV heads
-    centroids_read: int  # centroids scored, summed over batch and KV heads
+    tokens_read: torch.Tensor | int  # kept fixed-context tokens, summed over batch and KV heads (0-dim, on device)
+    centroids_read: torch.Tensor | int  # centroids scored, summed over batch and KV heads
 
 
 def _ladder_index(layer: LayerKV, keep: float) -> int | None:
@@ -88,5 +88,6 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
         layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical)
     starts, ends, counts = ops.ranges_from_mask(keep_mask, layer.fine_offsets, n, layer.sink_tokens,
                                                 layer.window_tokens)
-    tokens = int((ends - starts).clamp(min=0).sum().item())
-    return Selection(starts, ends, counts, tokens_read=tokens, centroids_read=int(read.sum().item()))
+    # Kept as device tensors: no host sync per layer and step (the budget is read once, at the end).
+    tokens = (ends - starts).clamp(min=0).sum()
+    return Selection(starts, ends, counts, tokens_read=tokens, centroids_read=read.sum())
