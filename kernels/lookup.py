@@ -46,27 +46,32 @@ def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q: tl.const
     """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of queries q0 .. q0 + BLOCK_Q (those < q_hi; others 0)
     against a tile of centroids [BLOCK_C, BLOCK_D] (float32, or the native dtype when NATIVE)."""
     offs_qb = tl.arange(0, BLOCK_Q)
+    # (one return at the end: Triton visits the code after an early return in a static branch too)
     if ROWWISE:  # few queries: one fp32 multiply-reduce per query row, on CUDA cores
-        out = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
+        res = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
         for i in tl.static_range(BLOCK_Q):
             qrow = tl.load(q_base + (q0 + i) * s_qm + offs_d, mask=d_ok & (offs_d * 0 + q0 + i < q_hi), other=0.0)
             row = _sum(cent * qrow.to(tl.float32)[None, :], axis=1)
-            out = tl.where(offs_qb[:, None] == i, row[None, :], out)
-        return out * scale
-    offs_q = q0 + offs_qb
-    qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :], mask=(offs_q < q_hi)[:, None] & d_ok[None, :],
-                 other=0.0)
-    if NATIVE:
-        return tl.dot(qv, tl.trans(cent)) * scale
-    return tl.dot(qv.to(tl.float32), tl.trans(cent), input_precision=PRECISION) * scale
+            res = tl.where(offs_qb[:, None] == i, row[None, :], res)
+    else:
+        offs_q = q0 + offs_qb
+        qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :],
+                     mask=(offs_q < q_hi)[:, None] & d_ok[None, :], other=0.0)
+        if NATIVE:
+            res = tl.dot(qv, tl.trans(cent))
+        else:
+            res = tl.dot(qv.to(tl.float32), tl.trans(cent), input_precision=PRECISION)
+    return res * scale
 
 
 @triton.jit
 def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
     cent = tl.load(C + offs_c[:, None] * s_cc + offs_d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0)
-    if not NATIVE:
-        cent = cent.to(tl.float32)
-    return cent
+    if NATIVE:
+        res = cent
+    else:
+        res = cent.to(tl.float32)
+    return res
 
 
 @triton.jit
@@ -252,6 +257,10 @@ def _prob_kernel(
 
 # ----------------------------------------------------------------------------------------------- host side
 
+# Launch settings (the benchmark's tuning sweep edits these): clusters per program at a block-grouped level
+# (coarse, flat), warps per program for block-grouped and parent-grouped levels.
+TUNING = {"block_c": 64, "block_warps": 4, "parent_warps": 4}
+
 
 class _Level:
     """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
@@ -268,8 +277,9 @@ class _Level:
             block_q = max(2, triton.next_power_of_2(self.nq))
         else:
             block_q = 16 if _interpret() else 64
-        block_c = 16 if (_interpret() or coff is not None) else 64
-        self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4)
+        block_c = 16 if (_interpret() or coff is not None) else TUNING["block_c"]
+        warps = TUNING["parent_warps"] if coff is not None else TUNING["block_warps"]
+        self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps)
         self.nb = coff.shape[1] - 1 if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
         self.nqc = 1 if self.nq <= 256 else triton.cdiv(self.nq, 256)  # prefill spreads queries over programs
         self.q_per = triton.cdiv(self.nq, self.nqc)

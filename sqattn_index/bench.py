@@ -306,6 +306,27 @@ def sweep_sparse(q, layer, pos, total, scale, timer: Timer, kv_bytes: int, log) 
         log(f"    sweep {ms:.4f} ms {kv_bytes / (ms * 1e6):5.0f} GB/s splits={sp} {over or 'default'}")
 
 
+def sweep_lookup(lookup, timer: Timer, log) -> None:
+    """Time launch settings of the lookup kernels; keep the fastest for the rest of the run."""
+    from .kernels import lookup as lk
+
+    default = dict(lk.TUNING)
+    variants = [default] + [dict(block_c=bc, block_warps=bw, parent_warps=pw)
+                            for bc, bw, pw in ((32, 4, 4), (64, 2, 2), (32, 2, 2), (64, 4, 1), (32, 2, 1), (64, 4, 2))]
+    results = []
+    for v in variants:
+        lk.TUNING.update(v)
+        try:
+            results.append((timer(lookup), v))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            log(f"    lookup sweep {v}: {type(exc).__name__}")
+    results.sort(key=lambda r: r[0])
+    for ms, v in results:
+        log(f"    lookup sweep {ms:.4f} ms {v}")
+    lk.TUNING.update(results[0][1])
+    log(f"    lookup tuning kept: {lk.TUNING}")
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -356,6 +377,10 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
                     profile_step(step, log)
                 if cfg.sweep and dev.type == "cuda":
                     sweep_sparse(q, layer, pos, total, scale, timer, kv_bytes, log)
+                    if phase == "decode":
+                        sweep_lookup(lookup, timer, log)
+                        look_ms = timer(lookup)
+                        sq_ms = timer(step)
             rows.append(row(phase=phase, keep=keep, dense_ms=dense_ms, squeezed_ms=sq_ms,
                             speedup=dense_ms / sq_ms, achieved_gbps=(kv_bytes + cent_bytes) / (sq_ms * 1e6)))
             if phase == "decode":
