@@ -103,7 +103,7 @@ class SqueezedChatEngine(BaseChatEngine):
 
     # -------------------------------------------------------------------------------------------- helpers
     def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> list[tuple[str, str]]:
-        """Set the history, fit it into the model's positions and record the user's message."""
+        """Set the history and fit it into the model's positions; returns the (user, assistant) turns to use."""
         if not isinstance(message, str) or not message.strip():
             raise ConfigError(f"a chat message must be a non-empty string; got {message!r}.")
         if chat_history is not None:
@@ -116,7 +116,6 @@ class SqueezedChatEngine(BaseChatEngine):
         room = store.llm.local.max_positions - corpus.num_tokens - self._decode["max_new_tokens"]
         while turns and len(store.engine.layout.suffix_ids(message, turns)) > room:
             turns = turns[1:]
-        self._history.put(ChatMessage(role=MessageRole.USER, content=message))
         return turns
 
     def _sources(self, node_mass: list[float]):
@@ -145,6 +144,7 @@ class SqueezedChatEngine(BaseChatEngine):
         store = self._store
         answer = store.engine.answer(store.require_corpus(), message, keep=self._keep, history=turns,
                                      spans=store.spans, **self._decode)
+        self._history.put(ChatMessage(role=MessageRole.USER, content=message))
         self._history.put(ChatMessage(role=MessageRole.ASSISTANT, content=answer.text))
         return AgentChatResponse(response=answer.text, source_nodes=self._sources(answer.node_mass),
                                  metadata=answer_metadata(store, self._keep, answer, answer.node_mass))
@@ -154,6 +154,7 @@ class SqueezedChatEngine(BaseChatEngine):
         """Stream the reply; ``response_gen`` yields text deltas, the history is updated when it ends."""
         turns = self._prepare(message, chat_history)
         sources, metadata, gen = self._stream(message, turns)
+        self._history.put(ChatMessage(role=MessageRole.USER, content=message))  # the reply follows when done
         response = StreamingAgentChatResponse(chat_stream=gen, source_nodes=sources)
         response.metadata = metadata  # not a dataclass field of StreamingAgentChatResponse; set for callers
         thread = Thread(target=response.write_response_to_history, args=(self._history,), daemon=True)
@@ -169,6 +170,7 @@ class SqueezedChatEngine(BaseChatEngine):
         """Async streaming: ``async for delta in response.async_response_gen()``."""
         turns = await asyncio.to_thread(self._prepare, message, chat_history)
         sources, metadata, gen = await asyncio.to_thread(self._stream, message, turns)
+        self._history.put(ChatMessage(role=MessageRole.USER, content=message))
 
         async def agen() -> AsyncIterator[ChatResponse]:
             done = object()

@@ -21,7 +21,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.query import QueryEndEvent, QueryStartEvent
 
 import sqattn_index as sq
-from sqattn_index.errors import ConfigError, CorruptIndexError
+from sqattn_index.errors import ConfigError, ContextTooLongError, CorruptIndexError
 
 pytestmark = pytest.mark.slow
 
@@ -238,6 +238,10 @@ def test_bad_arguments_raise_config_error(index):
         index.as_retriever(similarity_top_k=0)
     with pytest.raises(ConfigError):
         index.as_chat_engine(chat_mode="condense_question")
+    too_long = index.as_chat_engine(max_new_tokens=10**6)
+    with pytest.raises(ContextTooLongError):
+        too_long.chat(QUESTION)
+    assert too_long.chat_history == []  # a failed turn leaves no half-written history
 
 
 def test_insert_and_delete_ref_doc_are_exact(index, llm):  # last: it changes the shared index
