@@ -41,27 +41,17 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-            ROWWISE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of queries q0 .. q0 + BLOCK_Q (those < q_hi; others 0)
-    against a tile of centroids [BLOCK_C, BLOCK_D] (float32, or the native dtype when NATIVE)."""
-    offs_qb = tl.arange(0, BLOCK_Q)
-    # (one return at the end: Triton visits the code after an early return in a static branch too)
-    if ROWWISE:  # few queries: one fp32 multiply-reduce per query row, on CUDA cores
-        res = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
-        for i in tl.static_range(BLOCK_Q):
-            qrow = tl.load(q_base + (q0 + i) * s_qm + offs_d, mask=d_ok & (offs_d * 0 + q0 + i < q_hi), other=0.0)
-            row = _sum(cent * qrow.to(tl.float32)[None, :], axis=1)
-            res = tl.where(offs_qb[:, None] == i, row[None, :], res)
+def _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q: tl.constexpr, NATIVE: tl.constexpr):
+    """Queries q0 .. q0 + BLOCK_Q (those < q_hi; others 0) -> [BLOCK_Q, BLOCK_D], fp32 unless NATIVE."""
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :], mask=(offs_q < q_hi)[:, None] & d_ok[None, :],
+                 other=0.0)
+    # (single return: Triton also visits code after an early return in a static branch)
+    if NATIVE:
+        res = qv
     else:
-        offs_q = q0 + offs_qb
-        qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :],
-                     mask=(offs_q < q_hi)[:, None] & d_ok[None, :], other=0.0)
-        if NATIVE:
-            res = tl.dot(qv, tl.trans(cent))
-        else:
-            res = tl.dot(qv.to(tl.float32), tl.trans(cent), input_precision=PRECISION)
-    return res * scale
+        res = qv.to(tl.float32)
+    return res
 
 
 @triton.jit
@@ -75,13 +65,32 @@ def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's cluster range [lo, hi) and whether it is active (int32 1: its coarse parent is kept).
-    (Masks combine with ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
+def _scores(qv, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr,
+            NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of a query tile against a centroid tile."""
+    if ROWWISE:  # few queries: one fp32 multiply-reduce per query row, on CUDA cores
+        offs_qb = tl.arange(0, BLOCK_Q)
+        res = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
+        for i in tl.static_range(BLOCK_Q):
+            qrow = _sum(tl.where(offs_qb[:, None] == i, qv, 0.0), axis=0)
+            row = _sum(cent * qrow[None, :], axis=1)
+            res = tl.where(offs_qb[:, None] == i, row[None, :], res)
+    elif NATIVE:  # 16-bit products are exact in fp32: the reference's numbers up to summation order
+        res = tl.dot(qv, tl.trans(cent))
+    else:
+        res = tl.dot(qv, tl.trans(cent), input_precision=PRECISION)
+    return res * scale
+
+
+@triton.jit
+def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Cluster range [lo, hi) of unit g of the program and whether it is active (int32 1): the fine clusters of
+    coarse cluster g (active when kept), or the program's block of BLOCK_C clusters. (Masks combine with
+    ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
     if BY_PARENT:
-        lo = tl.load(COFF + h * s_oh + pid_c).to(tl.int32)
-        hi = tl.load(COFF + h * s_oh + pid_c + 1).to(tl.int32)
-        active = (tl.load(KEEPC + b * s_kb + h * s_kh + pid_c) != 0).to(tl.int32)
+        lo = tl.load(COFF + h * s_oh + g).to(tl.int32)
+        hi = tl.load(COFF + h * s_oh + g + 1).to(tl.int32)
+        active = (tl.load(KEEPC + b * s_kb + h * s_kh + g) != 0).to(tl.int32)
     else:
         lo = pid_c * BLOCK_C
         hi = tl.minimum(lo + BLOCK_C, NC)
@@ -111,9 +120,9 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 def _lse_kernel(
     Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq,
-    HK, NQ, NC, Q_PER_PROG, scale,
-    BY_PARENT: tl.constexpr,  # fine clusters of coarse cluster pid_c, active when it is kept (writes ALLOWED)
-    DROPPED: tl.constexpr,  # block of coarse clusters, selecting the dropped ones (KEEPC == 0)
+    HK, NQ, NC, NCC, Q_PER_PROG, scale,
+    BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
+    GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
     STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -123,46 +132,54 @@ def _lse_kernel(
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    lo, hi, active = _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+    if BY_PARENT:
+        g_lo = pid_c * GROUP
+        g_hi = tl.minimum(g_lo + GROUP, NCC)
+    else:
+        g_lo = 0
+        g_hi = 1
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
-    part_base = PART + b * s_pb + h * s_ph + pid_c * s_pk
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
     if BY_PARENT:
         if pid_q == 0:
-            for c0 in range(lo, hi, BLOCK_C):
-                offs_c = c0 + offs_cb
-                tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, (offs_c * 0 + active).to(tl.uint8),
-                         mask=offs_c < hi)
+            for g in range(g_lo, g_hi):
+                lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+                for c0 in range(lo, hi, BLOCK_C):
+                    offs_c = c0 + offs_cb
+                    tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, (offs_c * 0 + active).to(tl.uint8),
+                             mask=offs_c < hi)
     for q0 in range(q_lo, q_hi, BLOCK_Q):
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
+        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
-        if active > 0:
-            for c0 in range(lo, hi, BLOCK_C):
-                offs_c = c0 + offs_cb
-                sel = offs_c < hi
-                if DROPPED:
-                    sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
-                cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
-                logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
-                logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
-                                 NATIVE, PRECISION)
-                if STORE_LOGITS:
-                    tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
-                             mask=q_ok[:, None] & sel[None, :])
-                t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
-                m_new = tl.maximum(m, _max(t, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
-                m = m_new
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            if active > 0:
+                for c0 in range(lo, hi, BLOCK_C):
+                    offs_c = c0 + offs_cb
+                    sel = offs_c < hi
+                    if DROPPED:
+                        sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
+                    cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                    logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
+                    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                    if STORE_LOGITS:
+                        tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
+                                 mask=q_ok[:, None] & sel[None, :])
+                    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
+                    m_new = tl.maximum(m, _max(t, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+                    m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(part_base + offs_q, m_safe + tl.log(s), mask=q_ok)
+        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s), mask=q_ok)
 
 
 @triton.jit
@@ -170,101 +187,122 @@ def _prob_kernel(
     Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
     s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
-    HK, NQ, NC, NB1, NB2, Q_PER_PROG, scale, sink_len, window_len,
-    BY_PARENT: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr, HAS_PART2: tl.constexpr,
-    FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
-    LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, scale, sink_len, window_len,
+    BY_PARENT: tl.constexpr, GROUP: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr,
+    HAS_PART2: tl.constexpr, FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr,
+    WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, MULTI_Q: tl.constexpr, ROWWISE: tl.constexpr,
+    NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Sums over this program's queries of exp(logit - log Z_q) into PSUM[b, h, pid_q, c] (read-modify-write
+    over query tiles: the program owns those entries); with FINISH, probabilities and decisions."""
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    lo, hi, active = _group(pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+    if BY_PARENT:
+        g_lo = pid_c * GROUP
+        g_hi = tl.minimum(g_lo + GROUP, NCC)
+    else:
+        g_lo = 0
+        g_hi = 1
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
+    psum_base = PSUM + b * s_rb + h * s_rh + pid_q * s_rq
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
-    for c0 in range(lo, hi, BLOCK_C):
-        offs_c = c0 + offs_cb
-        c_ok = offs_c < hi
-        sel = c_ok & (offs_c * 0 + active > 0)
-        if HAS_ALLOWED:
-            sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
-        acc = tl.full([BLOCK_C], 0.0, tl.float32)
-        if WRITE_DROPPED:  # dropped coarse clusters need their logits too
-            cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
-        elif LOAD_LOGITS:
-            cent = tl.full([BLOCK_C, BLOCK_D], 0.0, tl.float32)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        offs_q = q0 + offs_qb
+        q_ok = offs_q < q_hi
+        if FUSED:
+            logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+            if HAS_PART2:
+                logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+                top = tl.maximum(logz, logz2)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
         else:
-            cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
-        if active > 0:
-            for q0 in range(q_lo, q_hi, BLOCK_Q):
-                offs_q = q0 + offs_qb
-                q_ok = offs_q < q_hi
-                if FUSED:
-                    logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-                    if HAS_PART2:
-                        logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P,
-                                              BLOCK_Q)
-                        top = tl.maximum(logz, logz2)
-                        top = tl.where(top == float("-inf"), 0.0, top)
-                        logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
-                else:
-                    logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
-                logz = tl.where(q_ok, logz, 0.0)
-                if LOAD_LOGITS:
-                    logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
-                                     mask=q_ok[:, None] & sel[None, :], other=0.0)
-                else:
-                    logits = _logits(q_base, s_qm, q0, q_hi, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
-                                     NATIVE, PRECISION)
-                p = tl.exp(logits - logz[:, None])
-                acc += _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
-        if FINISH:  # one query chunk: probabilities and decisions here
-            probs = acc / NQ
-            tl.store(PSUM + b * s_rb + h * s_rh + offs_c, probs, mask=c_ok)
-            if DECIDE:
-                keep = sel & (probs >= tl.load(THR + h))
-                tl.store(KEEP + b * s_rb + h * s_rh + offs_c, keep.to(tl.uint8), mask=c_ok)
-                if WRITE_DROPPED:  # block mode (one chunk): this block's dropped clusters' log-normaliser
-                    dropped = c_ok & ~keep
-                    logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-                    for q0 in range(0, NQ, BLOCK_Q):
-                        offs_q = q0 + offs_qb
-                        logits = _logits(q_base, s_qm, q0, NQ, offs_d, d_ok, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE,
-                                         NATIVE, PRECISION)
-                        t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
-                        mx = _max(t, axis=1)
-                        mx = tl.where(mx == float("-inf"), 0.0, mx)
-                        tl.store(DPART + b * s_db + h * s_dh + pid_c * s_dk + offs_q,
-                                 mx + tl.log(_sum(tl.exp(t - mx[:, None]), axis=1)), mask=offs_q < NQ)
-                if WRITE_SEGLEN:
-                    size = tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=0)
-                    g_base = SEGLEN + b * s_eb + h * s_eh
-                    tl.store(g_base + 1 + offs_c, tl.where(keep, size, 0).to(tl.int32), mask=c_ok)
-                    if pid_c == 0:
-                        ends = tl.arange(0, 2)
-                        tl.store(g_base + ends * (NC + 1), tl.where(ends == 0, sink_len, window_len).to(tl.int32))
-        else:  # partial sums over this query chunk; torch finishes
-            tl.store(PSUM + b * s_rb + h * s_rh + pid_q * s_rq + offs_c, acc, mask=c_ok)
+            logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+        logz = tl.where(q_ok, logz, 0.0)
+        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                c_ok = offs_c < hi
+                sel = c_ok & (offs_c * 0 + active > 0)
+                if HAS_ALLOWED:
+                    sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
+                acc = tl.full([BLOCK_C], 0.0, tl.float32)
+                if active > 0:
+                    if LOAD_LOGITS:
+                        logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
+                                         mask=q_ok[:, None] & sel[None, :], other=0.0)
+                    else:
+                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                        logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                    p = tl.exp(logits - logz[:, None])
+                    acc = _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
+                if MULTI_Q:
+                    not_first = (offs_c * 0 + q0) > q_lo
+                    acc += tl.load(psum_base + offs_c, mask=c_ok & not_first, other=0.0)
+                tl.store(psum_base + offs_c, acc, mask=c_ok)
+        if MULTI_Q:
+            tl.debug_barrier()  # the next query tile reads what this one wrote
+    if FINISH:  # one query chunk (pid_q == 0): probabilities and decisions here
+        tl.debug_barrier()
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                c_ok = offs_c < hi
+                sel = c_ok & (offs_c * 0 + active > 0)
+                if HAS_ALLOWED:
+                    sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
+                probs = tl.load(psum_base + offs_c, mask=c_ok, other=0.0) / NQ
+                tl.store(psum_base + offs_c, probs, mask=c_ok)
+                if DECIDE:
+                    keep = sel & (probs >= tl.load(THR + h))
+                    tl.store(KEEP + b * s_rb + h * s_rh + offs_c, keep.to(tl.uint8), mask=c_ok)
+                    if WRITE_DROPPED:  # block mode: this block's dropped clusters' log-normaliser
+                        dropped = c_ok & ~keep
+                        logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
+                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
+                        for q0 in range(0, NQ, BLOCK_Q):
+                            offs_q = q0 + offs_qb
+                            qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
+                            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                            t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
+                            mx = _max(t, axis=1)
+                            mx = tl.where(mx == float("-inf"), 0.0, mx)
+                            tl.store(DPART + b * s_db + h * s_dh + pid_c * s_dk + offs_q,
+                                     mx + tl.log(_sum(tl.exp(t - mx[:, None]), axis=1)), mask=offs_q < NQ)
+                    if WRITE_SEGLEN:
+                        size = tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=0)
+                        g_base = SEGLEN + b * s_eb + h * s_eh
+                        tl.store(g_base + 1 + offs_c, tl.where(keep, size, 0).to(tl.int32), mask=c_ok)
+        if WRITE_SEGLEN:
+            if pid_c == 0:
+                ends = tl.arange(0, 2)
+                tl.store(SEGLEN + b * s_eb + h * s_eh + ends * (NC + 1),
+                         tl.where(ends == 0, sink_len, window_len).to(tl.int32))
 
 
 # ----------------------------------------------------------------------------------------------- host side
 
 # Launch settings (the benchmark's tuning sweep edits these): clusters per program at a block-grouped level
-# (coarse, flat), warps per program for block-grouped and parent-grouped levels.
-TUNING = {"block_c": 64, "block_warps": 4, "parent_warps": 4}
+# (coarse, flat); warps per program for block- and parent-grouped levels; coarse clusters per program at a
+# parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
+TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 2, "parent_group": 2, "parent_group_prefill": 8}
 
 
 class _Level:
     """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
-    coarse parent (one program per coarse cluster)."""
+    coarse parent (one program per ``group`` coarse clusters)."""
 
     def __init__(self, q, cent, sizes, scale, precision, coff=None):
         self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
@@ -280,9 +318,14 @@ class _Level:
         block_c = 16 if (_interpret() or coff is not None) else TUNING["block_c"]
         warps = TUNING["parent_warps"] if coff is not None else TUNING["block_warps"]
         self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps)
-        self.nb = coff.shape[1] - 1 if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
+        self.ncc = coff.shape[1] - 1 if coff is not None else 1
+        self.group = TUNING["parent_group"] if self.rowwise else TUNING["parent_group_prefill"]
+        if _interpret():
+            self.group = 2
+        self.nb = triton.cdiv(self.ncc, self.group) if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
         self.nqc = 1 if self.nq <= 256 else triton.cdiv(self.nq, 256)  # prefill spreads queries over programs
         self.q_per = triton.cdiv(self.nq, self.nqc)
+        self.multi_q = self.q_per > block_q
         self.grid = (self.nb, self.nqc, self.b * self.hk)
         self.fused = self.nqc == 1 and self.nq <= 64  # reduce the partials in the probability kernel
 
@@ -291,7 +334,7 @@ class _Level:
         coff = self.coff if self.coff is not None else self.sizes
         return dict(HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=c["BLOCK_Q"],
                     BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=self.rowwise, NATIVE=self.native,
-                    BY_PARENT=self.coff is not None, num_warps=c["num_warps"]), keepc, coff
+                    BY_PARENT=self.coff is not None, GROUP=self.group, num_warps=c["num_warps"]), keepc, coff
 
     def lse(self, keepc=None, dropped=False):
         """Partial log-normalisers [B, Hk, NB, Q]; the allowed mask [B, Hk, C] uint8 (fine level grouped by
@@ -308,7 +351,7 @@ class _Level:
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            self.hk, self.nq, self.nc, self.q_per, self.scale,
+            self.hk, self.nq, self.nc, self.ncc, self.q_per, self.scale,
             DROPPED=dropped, STORE_LOGITS=store, **common,
         )
         return part, (allowed if by_parent else None), (logits if store else None)
@@ -348,11 +391,11 @@ class _Level:
             p2.stride(0), p2.stride(1), p2.stride(2), psum.stride(0), psum.stride(1), psum.stride(2),
             seg.stride(0), seg.stride(1), dpart.stride(0), dpart.stride(1), dpart.stride(2),
             lg.stride(0), lg.stride(1), lg.stride(2),
-            self.hk, self.nq, self.nc, part1.shape[2], p2.shape[2], self.q_per, self.scale, sink, window,
+            self.hk, self.nq, self.nc, self.ncc, part1.shape[2], p2.shape[2], self.q_per, self.scale, sink, window,
             HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
             HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
             WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
-            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common,
+            LOAD_LOGITS=logits is not None, MULTI_Q=self.multi_q, BLOCK_P=block_p, **common,
         )
         probs = psum[:, :, 0] if finish else psum.sum(dim=2) / self.nq
         if thr is not None and not decide:  # many queries: decide here

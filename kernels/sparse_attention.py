@@ -287,9 +287,13 @@ def _config(nq: int, d: int, device: torch.device) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if d <= 64 else 2)
 
 
-def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every multiprocessor two programs, never more chunks than tiles."""
-    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device, decode: bool = True) -> int:
+    """Split-K factor: decode gives every multiprocessor two programs; prefill splits only when its query
+    tiles leave most multiprocessors idle (the merge of the partials costs more than a ragged last wave)."""
+    sms = _num_sms(device)
+    if not decode and programs >= sms // 2:
+        return 1
+    want = triton.cdiv(2 * sms, max(programs, 1))
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
@@ -333,7 +337,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
     n_m = triton.cdiv(nq, cfg["BLOCK_M"])
-    splits = num_splits or _auto_splits(n_m * b * hk, n, cfg["BLOCK_N"], dev)
+    splits = num_splits or _auto_splits(n_m * b * hk, n, cfg["BLOCK_N"], dev, decode=n_m == 1)
     out = torch.empty(b, hq, t, d, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, t, dtype=torch.float32, device=dev)
     out_g, lse_g = out.view(b, hk, 1, nq, d), lse.view(b, hk, 1, nq)

@@ -306,13 +306,17 @@ def sweep_sparse(q, layer, pos, total, scale, timer: Timer, kv_bytes: int, log) 
         log(f"    sweep {ms:.4f} ms {kv_bytes / (ms * 1e6):5.0f} GB/s splits={sp} {over or 'default'}")
 
 
-def sweep_lookup(lookup, timer: Timer, log) -> None:
+def sweep_lookup(lookup, timer: Timer, log, prefill: bool = False) -> None:
     """Time launch settings of the lookup kernels; keep the fastest for the rest of the run."""
     from .kernels import lookup as lk
 
     default = dict(lk.TUNING)
-    variants = [default] + [dict(block_c=bc, block_warps=bw, parent_warps=pw)
-                            for bc, bw, pw in ((32, 4, 4), (64, 2, 2), (32, 2, 2), (64, 4, 1), (32, 2, 1), (64, 4, 2))]
+    if prefill:
+        variants = [default] + [dict(parent_group_prefill=g, parent_warps=w) for g in (4, 8, 16, 32) for w in (2, 4)]
+    else:
+        variants = [default] + [dict(block_c=bc, block_warps=bw, parent_warps=pw, parent_group=g)
+                                for bc, bw, pw, g in ((32, 2, 2, 1), (32, 2, 2, 4), (32, 2, 4, 2), (64, 4, 2, 2),
+                                                      (32, 2, 1, 4), (32, 2, 1, 8))]
     results = []
     for v in variants:
         lk.TUNING.update(v)
@@ -377,10 +381,9 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
                     profile_step(step, log)
                 if cfg.sweep and dev.type == "cuda":
                     sweep_sparse(q, layer, pos, total, scale, timer, kv_bytes, log)
-                    if phase == "decode":
-                        sweep_lookup(lookup, timer, log)
-                        look_ms = timer(lookup)
-                        sq_ms = timer(step)
+                    sweep_lookup(lookup, timer, log, prefill=phase == "prefill")
+                    look_ms = timer(lookup)
+                    sq_ms = timer(step)
             rows.append(row(phase=phase, keep=keep, dense_ms=dense_ms, squeezed_ms=sq_ms,
                             speedup=dense_ms / sq_ms, achieved_gbps=(kv_bytes + cent_bytes) / (sq_ms * 1e6)))
             if phase == "decode":
