@@ -297,7 +297,8 @@ def _prob_kernel(
 # Launch settings (the benchmark's tuning sweep edits these): clusters per program at a block-grouped level
 # (coarse, flat); warps per program for block- and parent-grouped levels; coarse clusters per program at a
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
-TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 2, "parent_group": 2, "parent_group_prefill": 8}
+TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
+          "parent_group_prefill": 16}  # measured best on an H100 (docs/bench/README.md)
 
 
 class _Level:
@@ -316,7 +317,10 @@ class _Level:
         else:
             block_q = 16 if _interpret() else 64
         block_c = 16 if (_interpret() or coff is not None) else TUNING["block_c"]
-        warps = TUNING["parent_warps"] if coff is not None else TUNING["block_warps"]
+        if coff is None:
+            warps = TUNING["block_warps"]
+        else:
+            warps = TUNING["parent_warps"] if self.rowwise else TUNING["parent_warps_prefill"]
         self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps)
         self.ncc = coff.shape[1] - 1 if coff is not None else 1
         self.group = TUNING["parent_group"] if self.rowwise else TUNING["parent_group_prefill"]

@@ -312,7 +312,8 @@ def sweep_lookup(lookup, timer: Timer, log, prefill: bool = False) -> None:
 
     default = dict(lk.TUNING)
     if prefill:
-        variants = [default] + [dict(parent_group_prefill=g, parent_warps=w) for g in (4, 8, 16, 32) for w in (2, 4)]
+        variants = [default] + [dict(parent_group_prefill=g, parent_warps_prefill=w) for g in (4, 8, 16, 32)
+                                for w in (2, 4)]
     else:
         variants = [default] + [dict(block_c=bc, block_warps=bw, parent_warps=pw, parent_group=g)
                                 for bc, bw, pw, g in ((32, 2, 2, 1), (32, 2, 2, 4), (32, 2, 4, 2), (64, 4, 2, 2),
@@ -509,6 +510,8 @@ def main(argv=None) -> int:
         for n in cfg.contexts:
             rows += run_shape_context(shape, n, cfg, timer, copy_gbps, device_name, log)
             (out / "results.json").write_text(json.dumps(merged(rows), indent=1))
+    if plot(merged(rows), out / "speedup.png"):
+        log(f"wrote {out / 'speedup.png'}")
     if cfg.clustering:
         try:
             r = clustering_row(cfg, timer, device_name, copy_gbps, log)
@@ -519,7 +522,7 @@ def main(argv=None) -> int:
             rows.append(r)
     rows = merged(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    log(f"wrote {out / 'results.json'}" + (f" and {out / 'speedup.png'}" if plot(rows, out / "speedup.png") else ""))
+    log(f"wrote {out / 'results.json'}")
     log(f"{'phase':22s} {'shape':10s} {'context':>8s} {'keep':>5s} {'dense':>8s} {'squeezed':>9s} {'speedup':>7s} {'GB/s':>6s}")
     for r in rows:
         if r["phase"] in ("copy", "clustering"):
