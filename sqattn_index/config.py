@@ -29,6 +29,7 @@ class SqueezeConfig:
     keep_ladder: tuple[float, ...] = DEFAULT_KEEP_LADDER
     coarse_slack: float = 5.0  # coarse level keeps about this many times the fine keep fraction
     hierarchical: bool = True
+    per_token_selection: bool = True  # multi-token forwards: each token selects its own clusters (as decode does)
     recluster_share: float = 0.25  # insert: full re-cluster once appended tokens pass this share of the corpus
     selection: str = "threshold"  # "threshold" (calibrated) or "budget" (top clusters, exact fraction)
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"

@@ -133,6 +133,12 @@ class SqueezedEngine:
                 "or lower max_new_tokens."
             )
 
+    def new_cache(self, corpus: CorpusKV, keep: float) -> SqueezedCache:
+        """A fresh ``SqueezedCache`` over ``corpus`` for one answer at ``keep``."""
+        cache = SqueezedCache(corpus, SelectionSpec.from_config(keep, self.config), self.ops)
+        cache.per_token = self.config.per_token_selection
+        return cache
+
     def _forward(self, cache: SqueezedCache, ids: torch.Tensor, start: int, logits_to_keep: int = 1):
         pos = torch.arange(start, start + ids.shape[-1], device=self.local.device).unsqueeze(0)
         with active_cache(cache):
@@ -161,7 +167,7 @@ class SqueezedEngine:
         reply_ids = self.layout.reply_ids(question, reply, history)
         self._check_room(corpus, len(suffix) + len(reply_ids), 0)
         ids = torch.cat([suffix, reply_ids])
-        cache = SqueezedCache(corpus, SelectionSpec.from_config(keep, self.config), self.ops)
+        cache = self.new_cache(corpus, keep)
         logits = self._forward(cache, ids, corpus.num_tokens, logits_to_keep=len(reply_ids) + 1)[:-1]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, reply_ids.to(logits.device).view(-1, 1))
         return Score(float(logp.sum()), int(len(reply_ids)), cache.kv_budget)
@@ -172,7 +178,7 @@ class SqueezedEngine:
         """Mean attention probability [N] the question's tokens put on each fixed token (original order)."""
         suffix = self.layout.suffix_ids(question, history)
         self._check_room(corpus, len(suffix), 0)
-        cache = SqueezedCache(corpus, SelectionSpec.from_config(keep, self.config), self.ops)
+        cache = self.new_cache(corpus, keep)
         cache.collect_mass = True
         self._forward(cache, suffix, corpus.num_tokens)
         return cache.normalised_mass()
@@ -218,7 +224,7 @@ class AnswerStream:
     def __iter__(self) -> Iterator[str]:
         eng, corpus = self.engine, self.corpus
         tok = eng.local.tokenizer
-        cache = SqueezedCache(corpus, self.spec, eng.ops)
+        cache = eng.new_cache(corpus, self.spec.keep)
         cache.collect_mass = self.spans is not None
         t0 = time.perf_counter()
         logits = eng._forward(cache, self.suffix, corpus.num_tokens)[-1]

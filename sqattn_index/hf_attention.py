@@ -124,6 +124,7 @@ class SqueezedCache(Cache):
         self.read_bytes = 0
         self.dense_bytes = 0
         self.collect_mass = False
+        self.per_token = False
         self.mass = None
         self._mass_terms = 0
 
@@ -132,36 +133,50 @@ class SqueezedCache(Cache):
         return float(self.read_bytes) / self.dense_bytes if self.dense_bytes else 0.0
 
     def attend(self, layer_idx: int, query, key, value, scale) -> torch.Tensor:
-        """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32."""
+        """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32.
+
+        With ``per_token`` set (and B == 1), each of the T tokens selects its own clusters, exactly as T
+        decode steps would; otherwise the T tokens share one selection (scores averaged over them).
+        """
         layer = self.corpus.layers[layer_idx]
-        sel = select_ranges(layer, query, self.spec, self.ops, scale)
+        split = self.per_token and query.shape[0] == 1 and query.shape[2] > 1 and not self.spec.dense
+        q_sel = query[0].transpose(0, 1).unsqueeze(2) if split else query  # [T, Hq, 1, D] when split
+        sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         elt = layer.keys.element_size()
         d = layer.head_dim
         self.read_bytes += (sel.tokens_read * 2 * d + sel.centroids_read * d) * elt
-        self.dense_bytes += query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
-        out_f, lse_f = self.ops.sparse_attention(query, layer.keys, layer.values, sel.starts, sel.ends,
+        self.dense_bytes += q_sel.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+        out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
+        if split:
+            out_f = out_f[:, :, 0].transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+            lse_f = lse_f[:, :, 0].transpose(0, 1).unsqueeze(0)
         out_d, lse_d = self.ops.causal_attention(query, key, value, scale)
         out, lse = self.ops.lse_merge(out_f, lse_f, out_d, lse_d)
         if self.collect_mass:
-            self._add_mass(layer, query, sel, lse, scale)
+            lse_sel = lse[0].transpose(0, 1).unsqueeze(-1) if split else lse  # q_sel layout: [rows, Hq, T']
+            self._add_mass(layer, q_sel, sel, lse_sel, scale)
         return out
 
-    def _add_mass(self, layer, query, sel, lse, scale) -> None:
+    def _add_mass(self, layer, q_sel, sel, lse_sel, scale) -> None:
+        """Add each kept key's attention probability to ``mass`` (original order).
+
+        q_sel [R, Hq, T', D] and lse_sel [R, Hq, T'] in selection layout (R rows, each with its own ranges)."""
         if self.mass is None:
             self.mass = torch.zeros(layer.num_tokens, dtype=torch.float32, device=layer.keys.device)
-        hk, g = layer.num_kv_heads, query.shape[1] // layer.num_kv_heads
-        for h in range(hk):
-            c = int(sel.counts[0, h])
-            idx = torch.cat([torch.arange(int(s), int(e), device=layer.keys.device)
-                             for s, e in zip(sel.starts[0, h, :c].tolist(), sel.ends[0, h, :c].tolist())])
-            if idx.numel() == 0:
-                continue
-            qh = query[0, h * g:(h + 1) * g].float()  # [G, T, D]
-            s = torch.matmul(qh, layer.keys[h].index_select(0, idx).float().t()) * scale  # [G, T, M]
-            p = torch.exp(s - lse[0, h * g:(h + 1) * g].unsqueeze(-1)).sum(dim=(0, 1))  # [M]
-            self.mass.index_add_(0, layer.perm[h].index_select(0, idx), p)
-        self._mass_terms += query.shape[1] * query.shape[2]
+        hk, g = layer.num_kv_heads, q_sel.shape[1] // layer.num_kv_heads
+        for r in range(q_sel.shape[0]):
+            for h in range(hk):
+                c = int(sel.counts[r, h])
+                if c == 0:
+                    continue
+                idx = torch.cat([torch.arange(int(s), int(e), device=layer.keys.device)
+                                 for s, e in zip(sel.starts[r, h, :c].tolist(), sel.ends[r, h, :c].tolist())])
+                qh = q_sel[r, h * g:(h + 1) * g].float()  # [G, T', D]
+                s = torch.matmul(qh, layer.keys[h].index_select(0, idx).float().t()) * scale  # [G, T', M]
+                p = torch.exp(s - lse_sel[r, h * g:(h + 1) * g].unsqueeze(-1)).sum(dim=(0, 1))  # [M]
+                self.mass.index_add_(0, layer.perm[h].index_select(0, idx), p)
+        self._mass_terms += q_sel.shape[0] * q_sel.shape[1] * q_sel.shape[2]
 
     def normalised_mass(self) -> torch.Tensor | None:
         """Mean attention probability per fixed token [N] over the collected layers, heads and queries."""
