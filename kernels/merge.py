@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _max, _sum  # noqa: F401
 
 __all__ = ["lse_merge"]
 

@@ -13,7 +13,6 @@ Nothing here reads a device value on the host: every call is CUDA-graph capturab
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
