@@ -35,13 +35,27 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int, weights: to
     cent = torch.gather(xn, 1, init.unsqueeze(-1).expand(h, k, d))  # [H, k, D]
     labels = torch.zeros(h, m, dtype=torch.int64, device=x.device)
     for _ in range(iters):
-        sim = torch.bmm(xn, cent.transpose(1, 2))  # [H, M, k]
-        best, labels = sim.max(dim=-1)
+        best, labels = _nearest(xn, cent)
         labels = _repair_empty(labels, best, k)
         sums = torch.zeros(h, k, d, device=x.device).scatter_add_(1, labels.unsqueeze(-1).expand(h, m, d),
                                                                   xn * w.unsqueeze(-1))
         cent = _normalise(sums)
     return labels
+
+
+def _nearest(xn: torch.Tensor, cent: torch.Tensor, max_elems: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best similarity and index [H, M] of each point's nearest centroid, in chunks of points so the
+    [H, chunk, k] similarity block stays under ``max_elems`` elements (long contexts, many heads)."""
+    h, m, _ = xn.shape
+    k = cent.shape[1]
+    step = max(1, max_elems // max(h * k, 1))
+    if step >= m:
+        return torch.bmm(xn, cent.transpose(1, 2)).max(dim=-1)
+    best = torch.empty(h, m, device=xn.device)
+    labels = torch.empty(h, m, dtype=torch.int64, device=xn.device)
+    for s in range(0, m, step):
+        best[:, s:s + step], labels[:, s:s + step] = torch.bmm(xn[:, s:s + step], cent.transpose(1, 2)).max(dim=-1)
+    return best, labels
 
 
 def _repair_empty(labels: torch.Tensor, best: torch.Tensor, k: int) -> torch.Tensor:
@@ -145,4 +159,4 @@ def assemble_layer(keys: torch.Tensor, values: torch.Tensor, sink: int, window: 
 
 def assign_to_nearest(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Fine label [H, M] of each key [H, M, D]: the centroid [H, C, D] of highest cosine similarity."""
-    return torch.bmm(_normalise(keys.float()), _normalise(centroids.float()).transpose(1, 2)).argmax(-1)
+    return _nearest(_normalise(keys.float()), _normalise(centroids.float()))[1]

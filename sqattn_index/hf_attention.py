@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .corpus_kv import CorpusKV
-from .selection import SelectionSpec, select_ranges
+from .selection import SelectionSpec, select_positions, select_ranges
 
 __all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing"]
 
@@ -140,6 +140,8 @@ class SqueezedCache(Cache):
         """
         layer = self.corpus.layers[layer_idx]
         split = self.per_token and query.shape[0] == 1 and query.shape[2] > 1 and not self.spec.dense
+        if getattr(self.ops, "backend", "torch") == "triton" and not split and not self.collect_mass:
+            return self._attend_positions(layer, query, key, value, scale)
         q_sel = query[0].transpose(0, 1).unsqueeze(2) if split else query  # [T, Hq, 1, D] when split
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         elt = layer.keys.element_size()
@@ -157,6 +159,18 @@ class SqueezedCache(Cache):
             lse_sel = lse[0].transpose(0, 1).unsqueeze(-1) if split else lse  # q_sel layout: [rows, Hq, T']
             self._add_mass(layer, q_sel, sel, lse_sel, scale)
         return out
+
+    def _attend_positions(self, layer, query, key, value, scale) -> torch.Tensor:
+        """Triton path with no host sync: lookup straight to kept positions, then split-K attention."""
+        from .kernels.sparse_attention import sparse_attention_positions
+
+        pos, total, tokens, cents = select_positions(layer, query, self.spec, scale)
+        elt, d = layer.keys.element_size(), layer.head_dim
+        self.read_bytes += (tokens * 2 * d + cents * d) * elt
+        self.dense_bytes += query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+        out_f, lse_f = sparse_attention_positions(query, layer.keys, layer.values, pos, total, scale)
+        out_d, lse_d = self.ops.causal_attention(query, key, value, scale)
+        return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
 
     def _add_mass(self, layer, q_sel, sel, lse_sel, scale) -> None:
         """Add each kept key's attention probability to ``mass`` (original order).

@@ -62,6 +62,45 @@ def cluster_token_target(layer: LayerKV, keep: float) -> float:
     return float(min(max(keep * layer.num_tokens - fixed, 0.0), e - s))
 
 
+def _selection_args(layer: LayerKV, spec: SelectionSpec, b: int):
+    """(fine_threshold, coarse_threshold, budget, coarse_budget) for ``spec``: calibrated thresholds when
+    the keep is on the layer's ladder (threshold mode), else key budgets per (question, KV head)."""
+    dev = layer.keys.device
+    idx = _ladder_index(layer, spec.keep) if spec.mode == "threshold" else None
+    if idx is not None and layer.thresholds is not None:
+        return layer.thresholds[idx].to(dev), layer.coarse_thresholds[idx].to(dev), None, None
+    s, e = layer.clustered_range
+    budget = torch.full((b, layer.num_kv_heads), cluster_token_target(layer, spec.keep), dtype=torch.float32,
+                        device=dev)
+    return None, None, budget, torch.clamp(budget * spec.coarse_slack, max=float(e - s))
+
+
+def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale: float):
+    """The Triton fast path: kept-key positions with no host sync (CUDA-graph capturable).
+
+    Returns pos [B, Hk, N] int32 (sorted positions, first ``total`` valid), total [B, Hk] int32, and the
+    tokens / centroids read as 0-dim device tensors."""
+    from .kernels.lookup import centroid_lookup_positions
+    from .kernels.sparse_attention import segment_lows
+
+    b, hk, n = q.shape[0], layer.num_kv_heads, layer.num_tokens
+    if spec.dense:
+        pos = torch.arange(n, dtype=torch.int32, device=layer.keys.device).expand(b, hk, n)
+        total = torch.full((b, hk), n, dtype=torch.int32, device=layer.keys.device)
+        return pos, total, total.sum(), 0
+    lows = getattr(layer, "_seg_lows", None)
+    if lows is None:
+        lows = segment_lows(layer.fine_offsets, n, layer.window_tokens)
+        layer._seg_lows = lows
+    fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
+    _, read, pos, total = centroid_lookup_positions(
+        group_queries_ref(q, hk), layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
+        layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
+        spec.hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
+        window_tokens=layer.window_tokens)
+    return pos, total, total.sum(), read.sum()
+
+
 def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, scale: float) -> Selection:
     """Select the ranges of ``layer`` that queries ``q`` [B, Hq, T, D] attend under ``spec``."""
     b = q.shape[0]
@@ -73,16 +112,7 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
         counts = torch.ones(b, hk, dtype=torch.int64, device=dev)
         return Selection(starts, ends, counts, tokens_read=b * hk * n, centroids_read=0)
     grouped = group_queries_ref(q, hk)  # [B, Hk, G*T, D]
-    idx = _ladder_index(layer, spec.keep) if spec.mode == "threshold" else None
-    fine_thr = coarse_thr = budget = coarse_budget = None
-    if idx is not None and layer.thresholds is not None:
-        fine_thr = layer.thresholds[idx].to(dev)
-        coarse_thr = layer.coarse_thresholds[idx].to(dev)
-    else:
-        target = cluster_token_target(layer, spec.keep)
-        s, e = layer.clustered_range
-        budget = torch.full((b, hk), target, dtype=torch.float32, device=dev)
-        coarse_budget = torch.clamp(budget * spec.coarse_slack, max=float(e - s))
+    fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
     keep_mask, read = ops.centroid_lookup(
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
         layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical)
