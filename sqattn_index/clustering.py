@@ -58,25 +58,26 @@ def _nearest(xn: torch.Tensor, cent: torch.Tensor, max_elems: int = 1 << 28) -> 
     return best, labels
 
 
-def _repair_empty(labels: torch.Tensor, best: torch.Tensor, k: int) -> torch.Tensor:
-    """Give every empty cluster one point: the worst-fitting points, taken from clusters with > 1 point."""
+def _repair_empty(labels: torch.Tensor, best: torch.Tensor, k: int, rounds: int = 8) -> torch.Tensor:
+    """Give every empty cluster a point: the worst-fitting points of clusters with more than one point.
+
+    Vectorised per round; a round that empties a cluster (two donors from one pair) is mended by the next.
+    """
     h, m = labels.shape
-    for hi in range(h):
-        counts = torch.bincount(labels[hi], minlength=k)
-        empty = (counts == 0).nonzero().flatten()
-        if empty.numel() == 0:
-            continue
-        order = torch.argsort(best[hi])  # least similar first
-        taken = 0
-        for p in order.tolist():
-            if taken == empty.numel():
-                break
-            src = int(labels[hi, p])
-            if counts[src] > 1:
-                counts[src] -= 1
-                labels[hi, p] = empty[taken]
-                counts[empty[taken]] += 1
-                taken += 1
+    ones = torch.ones_like(labels, dtype=torch.float32)
+    for _ in range(rounds):
+        counts = torch.zeros(h, k, device=labels.device).scatter_add_(1, labels, ones)
+        empty = counts == 0
+        if not bool(empty.any()):
+            return labels
+        donor_ok = torch.gather(counts, 1, labels) > 1  # [H, M]
+        fit = torch.where(donor_ok, best, torch.full_like(best, float("inf")))
+        for hi in torch.nonzero(empty.any(dim=1)).flatten().tolist():
+            targets = torch.nonzero(empty[hi]).flatten()
+            worst = torch.topk(fit[hi], targets.numel(), largest=False).indices
+            labels[hi, worst] = targets
+    counts = torch.zeros(h, k, device=labels.device).scatter_add_(1, labels, ones)
+    assert bool((counts > 0).all()), "empty clusters remain after repair"
     return labels
 
 
