@@ -102,8 +102,9 @@ class SqueezedChatEngine(BaseChatEngine):
         self._history.reset()
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> list[tuple[str, str]]:
-        """Set the history and fit it into the model's positions; returns the (user, assistant) turns to use."""
+    def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]):
+        """Set the history and fit it into the model's positions; returns (the store snapshot to answer on, the
+        (user, assistant) turns to use)."""
         if not isinstance(message, str) or not message.strip():
             raise ConfigError(f"a chat message must be a non-empty string; got {message!r}.")
         if chat_history is not None:
@@ -111,22 +112,22 @@ class SqueezedChatEngine(BaseChatEngine):
         turns = self._history.turns()
         if self._max_turns is not None:
             turns = turns[len(turns) - self._max_turns:] if self._max_turns else []
-        store = self._store
-        corpus = store.require_corpus()
-        room = store.llm.local.max_positions - corpus.num_tokens - self._decode["max_new_tokens"]
-        while turns and len(store.engine.layout.suffix_ids(message, turns)) > room:
+        self._store.require_corpus()
+        snap = self._store.snapshot()  # one version per reply: a concurrent writer never mixes into it
+        room = self._store.llm.local.max_positions - snap.require_corpus().num_tokens - self._decode["max_new_tokens"]
+        while turns and len(snap.engine.layout.suffix_ids(message, turns)) > room:
             turns = turns[1:]
-        return turns
+        return snap, turns
 
-    def _sources(self, node_mass: list[float]):
-        return with_docstore_nodes(self._store.rank(node_mass, self._top_k), self._docstore)
+    def _sources(self, snap, node_mass: list[float]):
+        return with_docstore_nodes(snap.rank(node_mass, self._top_k), self._docstore)
 
-    def _stream(self, message: str, turns: list[tuple[str, str]]):
+    def _stream(self, message: str, snap, turns: list[tuple[str, str]]):
         """(sources, metadata, generator of ChatResponse) for one reply."""
-        store = self._store
-        node_mass = store.node_mass(message, keep=self._keep, history=turns)
-        stream = store.engine.stream(store.require_corpus(), message, keep=self._keep, history=turns, **self._decode)
-        metadata = answer_metadata(store, self._keep, node_mass=node_mass)
+        store = snap
+        node_mass = snap.node_mass(message, keep=self._keep, history=turns)
+        stream = snap.engine.stream(snap.require_corpus(), message, keep=self._keep, history=turns, **self._decode)
+        metadata = answer_metadata(snap, self._keep, node_mass=node_mass)
 
         def gen() -> Iterator[ChatResponse]:
             text = ""
@@ -135,25 +136,25 @@ class SqueezedChatEngine(BaseChatEngine):
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             metadata.update(answer_metadata(store, self._keep, stream.answer, node_mass))
 
-        return self._sources(node_mass), metadata, gen()
+        return self._sources(snap, node_mass), metadata, gen()
 
     # ----------------------------------------------------------------------------------------------- chat
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         """Reply to ``message`` given the conversation so far (or ``chat_history``)."""
-        turns = self._prepare(message, chat_history)
-        store = self._store
-        answer = store.engine.answer(store.require_corpus(), message, keep=self._keep, history=turns,
-                                     spans=store.spans, **self._decode)
+        snap, turns = self._prepare(message, chat_history)
+        store = snap
+        answer = snap.engine.answer(snap.require_corpus(), message, keep=self._keep, history=turns,
+                                    spans=list(snap.spans), **self._decode)
         self._history.put(ChatMessage(role=MessageRole.USER, content=message))
         self._history.put(ChatMessage(role=MessageRole.ASSISTANT, content=answer.text))
-        return AgentChatResponse(response=answer.text, source_nodes=self._sources(answer.node_mass),
+        return AgentChatResponse(response=answer.text, source_nodes=self._sources(snap, answer.node_mass),
                                  metadata=answer_metadata(store, self._keep, answer, answer.node_mass))
 
     def stream_chat(self, message: str,
                     chat_history: Optional[List[ChatMessage]] = None) -> StreamingAgentChatResponse:
         """Stream the reply; ``response_gen`` yields text deltas, the history is updated when it ends."""
-        turns = self._prepare(message, chat_history)
-        sources, metadata, gen = self._stream(message, turns)
+        snap, turns = self._prepare(message, chat_history)
+        sources, metadata, gen = self._stream(message, snap, turns)
         self._history.put(ChatMessage(role=MessageRole.USER, content=message))  # the reply follows when done
         response = StreamingAgentChatResponse(chat_stream=gen, source_nodes=sources)
         response.metadata = metadata  # not a dataclass field of StreamingAgentChatResponse; set for callers
@@ -168,8 +169,8 @@ class SqueezedChatEngine(BaseChatEngine):
     async def astream_chat(self, message: str,
                            chat_history: Optional[List[ChatMessage]] = None) -> StreamingAgentChatResponse:
         """Async streaming: ``async for delta in response.async_response_gen()``."""
-        turns = await asyncio.to_thread(self._prepare, message, chat_history)
-        sources, metadata, gen = await asyncio.to_thread(self._stream, message, turns)
+        snap, turns = await asyncio.to_thread(self._prepare, message, chat_history)
+        sources, metadata, gen = await asyncio.to_thread(self._stream, message, snap, turns)
         self._history.put(ChatMessage(role=MessageRole.USER, content=message))
 
         async def agen() -> AsyncIterator[ChatResponse]:

@@ -12,7 +12,11 @@ so ``load_index_from_storage`` rebuilds this class.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -29,7 +33,9 @@ from llama_index.core.storage.docstore import SimpleDocumentStore
 from llama_index.core.storage.docstore.types import RefDocInfo
 from llama_index.core.storage.index_store import SimpleIndexStore
 from llama_index.core.storage.storage_context import StorageContext
-from llama_index.core.vector_stores.simple import DEFAULT_VECTOR_STORE
+from llama_index.core.storage.docstore.types import DEFAULT_PERSIST_FNAME as DOCSTORE_FNAME
+from llama_index.core.storage.index_store.types import DEFAULT_PERSIST_FNAME as INDEX_STORE_FNAME
+from llama_index.core.vector_stores.simple import DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 
 from .chat_engine import SqueezedChatEngine
 from .config import SqueezeConfig
@@ -37,12 +43,18 @@ from .errors import ConfigError, CorruptIndexError
 from .node_parsing import default_node_parser
 from .query_engine import SqueezedQueryEngine
 from .retriever import SqueezedKVRetriever
-from .vector_store import SqueezedKVStore, resolve_kv_dir
+from .vector_store import KV_DIRNAME, SqueezedKVStore, resolve_kv_dir
 
-__all__ = ["SqueezedKVIndex", "SqueezedKVIndexStruct", "SQUEEZED_KV_STRUCT_TYPE", "load_index",
-           "squeezed_storage_context"]
+__all__ = ["SqueezedKVIndex", "SqueezedKVIndexStruct", "SQUEEZED_KV_STRUCT_TYPE", "SqueezedStorageContext",
+           "load_index", "squeezed_storage_context"]
 
 SQUEEZED_KV_STRUCT_TYPE = "squeezed_kv"
+_STAMP_COLLECTION, _STAMP_KEY = "sqattn/persist", "persist"  # a collection of its own in the JSON key-value stores
+_LOAD_ATTEMPTS = 40  # load_index retries while a writer is persisting the same directory
+
+
+class _StaleIndexError(CorruptIndexError):
+    """The parts of a persist dir (KV index, index store, docstore) come from different persists."""
 
 
 @dataclass
@@ -56,13 +68,88 @@ class SqueezedKVIndexStruct(IndexStruct):
         return SQUEEZED_KV_STRUCT_TYPE
 
 
-def squeezed_storage_context(store: SqueezedKVStore) -> StorageContext:
+def _stamp(store: Any, token: str | None) -> None:
+    """Record persist ``token`` in a key-value backed docstore / index store (None: remove it)."""
+    kv = getattr(store, "_kvstore", None)
+    if kv is None:
+        return
+    if token is None:
+        kv.delete(_STAMP_KEY, collection=_STAMP_COLLECTION)
+    else:
+        kv.put(_STAMP_KEY, {"token": token}, collection=_STAMP_COLLECTION)
+
+
+def _read_stamp(store: Any) -> str | None:
+    kv = getattr(store, "_kvstore", None)
+    value = kv.get(_STAMP_KEY, collection=_STAMP_COLLECTION) if kv is not None else None
+    return value.get("token") if isinstance(value, dict) else None
+
+
+def _replace_atomically(persist: Any, path: Path) -> None:
+    """``persist(tmp)`` next to ``path``, fsync, rename over ``path``: a reader sees the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        persist(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class SqueezedStorageContext(StorageContext):
+    """A ``StorageContext`` whose ``persist`` a concurrent ``load_index`` can never see half done.
+
+    Local persists write the KV index first (atomically, see ``sqattn_index.storage``), then every JSON file
+    through a temporary file and a rename; the KV index, the docstore and the index store all carry the same
+    persist token, so ``load_index`` can tell when it read parts of two persists and read again.
+    Other filesystems (``fs=``) fall back to LlamaIndex's own ``persist``."""
+
+    def persist(self, persist_dir: str | os.PathLike = "./storage", docstore_fname: str = DOCSTORE_FNAME,
+                index_store_fname: str = INDEX_STORE_FNAME, vector_store_fname: str = "vector_store.json",
+                image_store_fname: str = "image_store.json", graph_store_fname: str = "graph_store.json",
+                pg_graph_store_fname: str = "property_graph_store.json", fs: Any = None) -> None:
+        if fs is not None and "file" not in (getattr(fs, "protocol", None) or ()):
+            for store in (self.docstore, self.index_store):
+                _stamp(store, None)
+            return super().persist(persist_dir, docstore_fname, index_store_fname, vector_store_fname,
+                                   image_store_fname, graph_store_fname, pg_graph_store_fname, fs)
+        root = Path(persist_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        others = {}
+        for name, store in self.vector_stores.items():
+            if isinstance(store, SqueezedKVStore):
+                token = store.persist_to(root / KV_DIRNAME, token=token)
+            else:
+                others[name] = store
+        for store in (self.docstore, self.index_store):
+            _stamp(store, token)
+        parts = [(self.docstore, docstore_fname), (self.index_store, index_store_fname),
+                 (self.graph_store, graph_store_fname)]
+        if self.property_graph_store:
+            parts.append((self.property_graph_store, pg_graph_store_fname))
+        parts += [(store, f"{name}{NAMESPACE_SEP}{vector_store_fname}") for name, store in others.items()]
+        for store, fname in parts:
+            _replace_atomically(lambda p, s=store: s.persist(persist_path=p), root / fname)
+        fsync_dir(root)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def squeezed_storage_context(store: SqueezedKVStore) -> SqueezedStorageContext:
     """A fresh in-memory storage context whose only vector store is ``store`` (no image store)."""
     from llama_index.core.graph_stores.simple import SimpleGraphStore
 
-    return StorageContext(docstore=SimpleDocumentStore(), index_store=SimpleIndexStore(),
-                          vector_stores={DEFAULT_VECTOR_STORE: store}, graph_store=SimpleGraphStore(),
-                          property_graph_store=None)
+    return SqueezedStorageContext(docstore=SimpleDocumentStore(), index_store=SimpleIndexStore(),
+                                  vector_stores={DEFAULT_VECTOR_STORE: store}, graph_store=SimpleGraphStore(),
+                                  property_graph_store=None)
 
 
 def _check_llm(llm: Any):
@@ -108,6 +195,8 @@ class SqueezedKVIndex(BaseIndex[SqueezedKVIndexStruct]):
             store = SqueezedKVStore(self._llm, config)
             storage_context.vector_stores[DEFAULT_VECTOR_STORE] = store
         store.attach_llm(self._llm)
+        if type(storage_context) is StorageContext:  # persist atomically, with the token load_index checks
+            storage_context.__class__ = SqueezedStorageContext
         self._kv_store = store
         transformations = transformations or [default_node_parser(self._llm)]
         super().__init__(nodes=list(nodes) if nodes is not None else None, index_struct=index_struct,
@@ -118,7 +207,7 @@ class SqueezedKVIndex(BaseIndex[SqueezedKVIndexStruct]):
 
     def _check_loaded(self) -> None:
         if list(self._index_struct.node_ids) != self._kv_store.node_ids:
-            raise CorruptIndexError(
+            raise _StaleIndexError(
                 "the index store and the KV store list different nodes (they were persisted at different times); "
                 "persist the index again with index.storage_context.persist(DIR).")
         found = {}
@@ -244,16 +333,54 @@ class SqueezedKVIndex(BaseIndex[SqueezedKVIndexStruct]):
 
 
 def load_index(persist_dir: str | os.PathLike, llm: Any, **kwargs: Any) -> SqueezedKVIndex:
-    """Load a persisted index: a LlamaIndex persist dir (``storage_context.persist``) or a bare KV index dir."""
-    from llama_index.core import load_index_from_storage
+    """Load a persisted index: a LlamaIndex persist dir (``storage_context.persist``) or a bare KV index dir.
 
+    Safe while another thread or process persists the same directory: the KV index is read as one
+    generation, and when the docstore / index store turn out to come from another persist than the KV
+    index, everything is read again (after ~15 s of that, e.g. after a writer crashed between the parts,
+    the index is rebuilt from the KV index alone, with a warning)."""
     llm = _check_llm(llm)
     path = Path(persist_dir)
+    if not ((path / INDEX_STORE_FNAME).is_file() and resolve_kv_dir(path) == path / KV_DIRNAME):
+        return SqueezedKVIndex.from_vector_store(SqueezedKVStore.from_persist_dir(path, llm=llm), llm=llm, **kwargs)
+    last: Exception | None = None
+    for attempt in range(_LOAD_ATTEMPTS):
+        try:
+            return _load_persist_dir(path, llm, **kwargs)
+        except (_StaleIndexError, json.JSONDecodeError) as exc:  # a writer is between the parts of a persist
+            last = exc
+            time.sleep(min(0.02 * (attempt + 1), 0.5))
+    warnings.warn(f"{path}: the docstore / index store do not match the KV index after {_LOAD_ATTEMPTS} reads "
+                  f"({last}); loading the KV index alone. Persist the index again to repair it.", stacklevel=2)
+    return SqueezedKVIndex.from_vector_store(SqueezedKVStore.from_persist_dir(path, llm=llm), llm=llm, **kwargs)
+
+
+def _load_persist_dir(path: Path, llm: Any, **kwargs: Any) -> SqueezedKVIndex:
+    """One attempt: JSON stores, KV records (cheap check), KV tensors; _StaleIndexError when the parts come
+    from different persists."""
+    from llama_index.core import load_index_from_storage
+
+    from .storage import load_index_records
+    from .vector_store import PERSIST_TOKEN_KEY
+
+    index_store = SimpleIndexStore.from_persist_dir(str(path))
+    docstore = SimpleDocumentStore.from_persist_dir(str(path))
+    tokens = {_read_stamp(index_store), _read_stamp(docstore)}
+    for part in (index_store, docstore):
+        _stamp(part, None)  # a later persist by plain LlamaIndex code must not carry a stale token
+
+    def check(kv_token: str | None) -> None:
+        if kv_token is not None and tokens != {None} and tokens != {kv_token}:
+            raise _StaleIndexError(f"{path}: KV index of persist {kv_token}, JSON stores of "
+                                   f"{sorted(map(str, tokens))}")
+
+    manifest, _, _ = load_index_records(path / KV_DIRNAME)
+    check((manifest.extra or {}).get(PERSIST_TOKEN_KEY))  # before reading any tensor
     store = SqueezedKVStore.from_persist_dir(path, llm=llm)
-    if (path / "index_store.json").is_file() and resolve_kv_dir(path) == path / "sqattn_kv":
-        context = StorageContext.from_defaults(persist_dir=str(path), vector_store=store)
-        return load_index_from_storage(context, llm=llm, **kwargs)
-    return SqueezedKVIndex.from_vector_store(store, llm=llm, **kwargs)
+    check(store.persist_token)
+    context = SqueezedStorageContext.from_defaults(docstore=docstore, index_store=index_store, vector_store=store,
+                                                   persist_dir=str(path))
+    return load_index_from_storage(context, llm=llm, **kwargs)
 
 
 INDEX_STRUCT_TYPE_TO_INDEX_STRUCT_CLASS[SQUEEZED_KV_STRUCT_TYPE] = SqueezedKVIndexStruct  # type: ignore[index]

@@ -203,8 +203,9 @@ class SqueezedLLM(CustomLLM):
                 messages = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt), *messages]
             return self._dense_deltas(self._template_ids(messages), **s)
         question, history = messages_to_turns(messages)
-        store = self._store
-        return iter(store.engine.stream(store.require_corpus(), question, keep=self.keep, history=history, **s))
+        self._store.require_corpus()
+        snap = self._store.snapshot()  # one version for the whole reply
+        return iter(snap.engine.stream(snap.require_corpus(), question, keep=self.keep, history=history, **s))
 
     @staticmethod
     def _completion_stream(deltas: Iterator[str]) -> CompletionResponseGen:

@@ -22,10 +22,16 @@ __all__ = ["SqueezedQueryEngine", "answer_metadata"]
 
 
 def answer_metadata(store: Any, keep: float, answer: Any = None, node_mass: list[float] | None = None) -> dict:
-    """The ``metadata`` of a reply: keep, KV budget, seconds, token counts (KV/timing keys None until done)."""
+    """The ``metadata`` of a reply: keep, KV budget, seconds, token counts (KV/timing keys None until done),
+    and ``index_version``, the version of the store snapshot the reply was computed on.
+
+    ``store``: the ``StoreSnapshot`` the reply used (a ``SqueezedKVStore`` means its current snapshot)."""
+    snap = store.snapshot() if hasattr(store, "snapshot") else store
     meta: Dict[str, Any] = {"keep": keep, "kv_budget": None, "seconds": None, "prompt_tokens": None,
                             "new_tokens": None, "finish_reason": None,
-                            "corpus_tokens": store.corpus.num_tokens if store.corpus is not None else 0}
+                            "corpus_tokens": snap.corpus.num_tokens if snap.corpus is not None else 0,
+                            "index_version": snap.version}
+    store = snap
     if node_mass is not None:
         meta["node_mass"] = dict(zip(store.node_ids, node_mass))
     if answer is not None:
@@ -86,31 +92,36 @@ class SqueezedQueryEngine(BaseQueryEngine):
     def _get_prompt_modules(self) -> Dict[str, Any]:
         return {}
 
-    def _sources(self, node_mass: list[float]) -> List[NodeWithScore]:
-        return with_docstore_nodes(self._store.rank(node_mass, self._top_k), self._docstore)
+    def _sources(self, snap: Any, node_mass: list[float]) -> List[NodeWithScore]:
+        return with_docstore_nodes(snap.rank(node_mass, self._top_k), self._docstore)
+
+    def _snapshot(self):
+        """The store's current snapshot (one per question: a concurrent writer never mixes versions into it)."""
+        self._store.require_corpus()
+        return self._store.snapshot()
 
     def retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
         """The nodes the question attends to most (dense attention lift), without generating."""
-        mass = self._store.node_mass(query_bundle.query_str, keep=1.0)
-        return self._sources(mass)
+        snap = self._snapshot()
+        return self._sources(snap, snap.node_mass(query_bundle.query_str, keep=1.0))
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        store, question = self._store, query_bundle.query_str
-        corpus = store.require_corpus()
-        engine = store.engine
+        question = query_bundle.query_str
+        snap = self._snapshot()
+        corpus, engine, spans = snap.require_corpus(), snap.engine, list(snap.spans)
         if not self._streaming:
-            answer = engine.answer(corpus, question, keep=self._keep, spans=store.spans, **self._decode)
-            return Response(response=answer.text, source_nodes=self._sources(answer.node_mass),
-                            metadata=answer_metadata(store, self._keep, answer, answer.node_mass))
-        node_mass = store.node_mass(question, keep=self._keep)  # what the answer's prefill will attend to
+            answer = engine.answer(corpus, question, keep=self._keep, spans=spans, **self._decode)
+            return Response(response=answer.text, source_nodes=self._sources(snap, answer.node_mass),
+                            metadata=answer_metadata(snap, self._keep, answer, answer.node_mass))
+        node_mass = snap.node_mass(question, keep=self._keep)  # what the answer's prefill will attend to
         stream = engine.stream(corpus, question, keep=self._keep, **self._decode)
-        metadata = answer_metadata(store, self._keep, node_mass=node_mass)
+        metadata = answer_metadata(snap, self._keep, node_mass=node_mass)
 
         def deltas() -> Iterator[str]:
             yield from stream
-            metadata.update(answer_metadata(store, self._keep, stream.answer, node_mass))
+            metadata.update(answer_metadata(snap, self._keep, stream.answer, node_mass))
 
-        return StreamingResponse(response_gen=deltas(), source_nodes=self._sources(node_mass), metadata=metadata)
+        return StreamingResponse(response_gen=deltas(), source_nodes=self._sources(snap, node_mass), metadata=metadata)
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         return await asyncio.to_thread(self._query, query_bundle)

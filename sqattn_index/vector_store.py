@@ -6,6 +6,12 @@ span, divided by the attention a neutral question puts there (the *attention lif
 mostly follows position (recent tokens and the observation window draw most of it), the lift shows which
 nodes the question itself looks at. No embeddings are involved.
 
+Concurrency: the state (engine, corpus, node entries, baseline) lives in one immutable ``StoreSnapshot``.
+Readers take it once (``snapshot()``) and use nothing else, so a question never mixes two versions; writers
+are serialized by an in-process lock and publish their result with one reference swap (a second writer
+waits, then applies its change on top of the first one's). Across processes the storage layer's writer
+lock applies (``persist_to`` -> ``IndexLockedError`` while another process persists the same directory).
+
 Persisted through ``sqattn_index.storage`` into ``<persist_dir>/sqattn_kv/`` (SQLite + safetensors); it
 never writes a ``*vector_store.json``, so LlamaIndex's ``SimpleVectorStore`` finds nothing to misread.
 """
@@ -14,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import threading
+import uuid
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -24,27 +31,19 @@ from llama_index.core.vector_stores.types import (BasePydanticVectorStore, Metad
                                                   VectorStoreQueryResult)
 from llama_index.core.vector_stores.utils import build_metadata_filter_fn
 
-from .config import SqueezeConfig, check_keep
+from .config import SqueezeConfig
 from .corpus_kv import CorpusKV
-from .engine import SqueezedEngine, span_mass
+from .engine import SqueezedEngine
 from .errors import ConfigError, CorruptIndexError, IncompatibleModelError
 from .node_parsing import node_text
 from .prompt_layout import DEFAULT_INSTRUCTIONS, PromptLayout
+from .store_state import BASELINE_QUESTION, NodeEntry, StoreSnapshot
 
-__all__ = ["SqueezedKVStore", "KV_DIRNAME", "BASELINE_QUESTION", "resolve_kv_dir"]
+__all__ = ["SqueezedKVStore", "StoreSnapshot", "KV_DIRNAME", "BASELINE_QUESTION", "PERSIST_TOKEN_KEY",
+           "resolve_kv_dir"]
 
 KV_DIRNAME = "sqattn_kv"  # the KV index's folder inside a LlamaIndex persist dir
-BASELINE_QUESTION = "What do the documents say?"  # the neutral question of the attention lift
-_EPS = 1e-12
-
-
-@dataclass
-class _Entry:
-    """One node of the corpus: the node, the text the model reads, its [start, end) token span."""
-
-    node: BaseNode
-    text: str
-    span: tuple[int, int]
+PERSIST_TOKEN_KEY = "persist_token"  # manifest.extra key: id of the persist that wrote this generation
 
 
 def resolve_kv_dir(directory: str | os.PathLike) -> Path:
@@ -57,8 +56,11 @@ def resolve_kv_dir(directory: str | os.PathLike) -> Path:
     kv = path / KV_DIRNAME
     if any(p.exists() for p in (kv, path / f".{KV_DIRNAME}.old", path / f".{KV_DIRNAME}.new")) and index_exists(kv):
         return kv
-    if (path / COMMIT_FILE).is_file():
+    if (path / COMMIT_FILE).is_file() or (not path.exists() and index_exists(path)):  # the latter: mid-swap
         return path
+    if not path.exists():
+        raise CorruptIndexError(f"no sqattn index at {path}: the directory does not exist; build one with "
+                                "`sqattn build DOCS -o DIR` or check the path.")
     raise CorruptIndexError(f"no sqattn KV index under {path} (looked for {kv} and {path / COMMIT_FILE}); "
                             "persist an index there first or check the path.")
 
@@ -68,8 +70,33 @@ def _record_node(rec) -> TextNode:
     return TextNode(id_=rec.node_id, text=rec.text, metadata=dict(rec.metadata), relationships=rel)
 
 
+def _entries_of(records) -> list[NodeEntry]:
+    return [NodeEntry(_record_node(r), r.text, (r.token_start, r.token_end))
+            for r in sorted(records, key=lambda r: r.position)]
+
+
+def _with_spans(entries: Sequence[NodeEntry], spans: Sequence[tuple[int, int]]) -> list[NodeEntry]:
+    if len(spans) != len(entries):  # internal invariant of the engine's update calls
+        raise AssertionError(f"engine returned {len(spans)} spans for {len(entries)} nodes")
+    return [NodeEntry(e.node, e.text, (int(s[0]), int(s[1]))) for e, s in zip(entries, spans)]
+
+
+def _without(engine: SqueezedEngine, corpus: CorpusKV | None, entries: list[NodeEntry], ids: set[str]):
+    """(corpus, entries) with the nodes ``ids`` removed exactly (the tokens after them re-encoded)."""
+    gone = [i for i, e in enumerate(entries) if e.node.node_id in ids]
+    if not gone:
+        return corpus, entries
+    if len(gone) == len(entries):
+        return None, []
+    corpus, spans = engine.remove_texts(corpus, [e.span for e in entries], gone)
+    return corpus, _with_spans([e for e in entries if e.node.node_id not in ids], spans)
+
+
 class SqueezedKVStore(BasePydanticVectorStore):
     """Vector store over a squeezed KV cache: ``add`` encodes nodes, ``query`` ranks them by attention.
+
+    Readers use one ``snapshot()`` each; writers (``add``, ``delete``, ``delete_nodes``, ``clear``,
+    ``attach_llm``, ``use_nodes``) are serialized in-process and swap in a new snapshot when done.
 
     Args:
         llm: the ``SqueezedLLM`` whose model encodes and reads the corpus (may be attached later).
@@ -84,11 +111,10 @@ class SqueezedKVStore(BasePydanticVectorStore):
 
     _llm: Any = PrivateAttr(default=None)
     _config: Optional[SqueezeConfig] = PrivateAttr(default=None)
-    _engine: Optional[SqueezedEngine] = PrivateAttr(default=None)
-    _corpus: Optional[CorpusKV] = PrivateAttr(default=None)
-    _entries: List[_Entry] = PrivateAttr(default_factory=list)
-    _source: Any = PrivateAttr(default=None)  # (kv dir, manifest) of a persisted index not yet in memory
-    _baseline: Optional[List[float]] = PrivateAttr(default=None)
+    _state: StoreSnapshot = PrivateAttr(default_factory=lambda: StoreSnapshot(0, None, None, ()))
+    _write_lock: Any = PrivateAttr(default_factory=threading.RLock)
+    _source: Any = PrivateAttr(default=None)  # (kv dir, persist token) of a persisted index not yet in memory
+    _persisted: Any = PrivateAttr(default=None)  # (resolved dir, persist token, version) last loaded / written
 
     def __init__(self, llm: Any = None, config: SqueezeConfig | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -101,10 +127,19 @@ class SqueezedKVStore(BasePydanticVectorStore):
         return "SqueezedKVStore"
 
     # ----------------------------------------------------------------------------------------- state
+    def snapshot(self) -> StoreSnapshot:
+        """The current immutable state; take it once per question and use only it."""
+        return self._state
+
+    @property
+    def version(self) -> int:
+        """Version of the current state (+1 on every writer swap)."""
+        return self._state.version
+
     @property
     def client(self) -> Any:
         """The in-memory ``CorpusKV`` (None while empty or not yet loaded)."""
-        return self._corpus
+        return self._state.corpus
 
     @property
     def llm(self):
@@ -113,25 +148,40 @@ class SqueezedKVStore(BasePydanticVectorStore):
     @property
     def engine(self) -> SqueezedEngine:
         self._require_llm()
-        return self._engine
+        return self._state.engine
 
     @property
     def corpus(self) -> CorpusKV | None:
-        return self._corpus
+        return self._state.corpus
 
     @property
     def node_ids(self) -> list[str]:
         """Ids of the nodes in corpus order."""
-        return [e.node.node_id for e in self._entries]
+        return list(self._state.node_ids)
 
     @property
     def nodes(self) -> list[BaseNode]:
-        return [e.node for e in self._entries]
+        return self._state.nodes
 
     @property
     def spans(self) -> list[tuple[int, int]]:
         """[start, end) token span of every node inside the fixed context, in corpus order."""
-        return [e.span for e in self._entries]
+        return list(self._state.spans)
+
+    @property
+    def persist_token(self) -> str | None:
+        """Id of the persisted generation this store was loaded from or last written as (None if neither)."""
+        if self._source is not None:
+            return self._source[1]
+        return self._persisted[1] if self._persisted is not None else None
+
+    def _swap(self, state: StoreSnapshot, same_content: bool = False) -> None:
+        """Publish ``state`` (caller holds the write lock). ``same_content``: the persisted form is unchanged
+        (richer node objects, another device), so a directory written from the old state still holds it."""
+        done = self._persisted
+        if same_content and done is not None and done[2] == self._state.version:
+            self._persisted = (done[0], done[1], state.version)
+        self._state = state
 
     def _require_llm(self) -> None:
         if self._llm is None:
@@ -141,15 +191,15 @@ class SqueezedKVStore(BasePydanticVectorStore):
     def require_corpus(self) -> CorpusKV:
         """The corpus, or ConfigError when the store holds no nodes."""
         self._require_llm()
-        if self._corpus is None:
-            raise ConfigError("the squeezed index holds no nodes; add documents before asking questions.")
-        return self._corpus
+        return self._state.require_corpus()
 
     def use_nodes(self, nodes: dict[str, BaseNode]) -> None:
         """Swap in richer node objects (e.g. from a docstore) for the nodes with the same ids."""
-        for e in self._entries:
-            if e.node.node_id in nodes:
-                e.node = nodes[e.node.node_id]
+        with self._write_lock:
+            state = self._state
+            entries = [NodeEntry(nodes[e.node.node_id], e.text, e.span) if e.node.node_id in nodes else e
+                       for e in state.entries]
+            self._swap(state.replace(entries=entries, keep_baseline=True), same_content=True)
 
     # -------------------------------------------------------------------------------------- the model
     def attach_llm(self, llm: Any) -> None:
@@ -160,36 +210,39 @@ class SqueezedKVStore(BasePydanticVectorStore):
 
         if not isinstance(llm, SqueezedLLM):
             raise ConfigError(f"SqueezedKVStore needs a SqueezedLLM; got {type(llm).__name__}.")
-        if self._llm is not None and self._llm.local is llm.local:
-            return
-        if self._llm is not None and self._corpus is not None:
-            old, new = self._llm.local, llm.local
-            if (old.model_fingerprint(), old.tokenizer_fingerprint()) != (new.model_fingerprint(),
-                                                                           new.tokenizer_fingerprint()):
-                raise IncompatibleModelError(f"this store's corpus was built with model {old.model_id!r}; "
-                                             f"{new.model_id!r} differs. Rebuild the index with that model.")
-        self._llm = llm
-        if self._source is not None:
-            self._load_corpus()
-        elif self._engine is None:
-            cfg = self._config
-            self._engine = llm.engine if cfg is None or cfg == llm.config else SqueezedEngine(llm.local, cfg)
-        else:
-            self._engine = SqueezedEngine(llm.local, self._engine.config, self._engine.layout.instructions)
-            self._corpus = self._corpus.to(llm.local.device) if self._corpus is not None else None
+        with self._write_lock:
+            if self._llm is not None and self._llm.local is llm.local:
+                return
+            state = self._state
+            if self._llm is not None and state.corpus is not None:
+                old, new = self._llm.local, llm.local
+                if (old.model_fingerprint(), old.tokenizer_fingerprint()) != (new.model_fingerprint(),
+                                                                               new.tokenizer_fingerprint()):
+                    raise IncompatibleModelError(f"this store's corpus was built with model {old.model_id!r}; "
+                                                 f"{new.model_id!r} differs. Rebuild the index with that model.")
+            if self._source is not None:
+                self._load_corpus(llm)
+            elif state.engine is None:
+                cfg = self._config
+                engine = llm.engine if cfg is None or cfg == llm.config else SqueezedEngine(llm.local, cfg)
+                self._swap(state.replace(engine=engine, keep_baseline=True), same_content=True)
+            else:
+                engine = SqueezedEngine(llm.local, state.engine.config, state.engine.layout.instructions)
+                corpus = state.corpus.to(llm.local.device) if state.corpus is not None else None
+                self._swap(state.replace(engine=engine, corpus=corpus), same_content=True)
+            self._llm = llm
 
-    def _load_corpus(self) -> None:
+    def _load_corpus(self, llm: Any) -> None:
+        """Read one persisted generation (tensors and records together) and make it the state."""
         from .storage import load_index_files
 
-        directory, manifest = self._source
-        local = self._llm.local
+        directory = self._source[0]
+        local = llm.local
         corpus, manifest, _, records = load_index_files(
             directory, device=local.device, expected_model_fingerprint=local.model_fingerprint(),
             expected_tokenizer_fingerprint=local.tokenizer_fingerprint())
-        if [r.node_id for r in sorted(records, key=lambda r: r.position)] != self.node_ids:
-            raise CorruptIndexError(f"index at {directory} changed while loading; load it again.")
         config = dict(manifest.config or {})
-        config["backend"] = self._llm.config.backend
+        config["backend"] = llm.config.backend
         layout = manifest.layout or {}
         engine = SqueezedEngine(local, SqueezeConfig.from_dict(config), layout.get("instructions",
                                                                                     DEFAULT_INSTRUCTIONS))
@@ -199,7 +252,11 @@ class SqueezedKVStore(BasePydanticVectorStore):
             if key in layout and layout[key] != engine.layout.settings()[key]:
                 raise IncompatibleModelError(f"index at {directory} uses prompt layout {key}={layout[key]!r}; "
                                              f"this code renders {engine.layout.settings()[key]!r}. Rebuild it.")
-        self._engine, self._corpus, self._source = engine, corpus, None
+        # the records of this very generation (a writer may have replaced the one listed at open time)
+        self._state = self._state.replace(engine=engine, corpus=corpus, entries=_entries_of(records))
+        self._source = None
+        token = (manifest.extra or {}).get(PERSIST_TOKEN_KEY)
+        self._persisted = (str(Path(directory).resolve()), token, self._state.version)
 
     # ------------------------------------------------------------------------------------ add / delete
     def add(self, nodes: Sequence[BaseNode], progress: bool = False, **kwargs: Any) -> List[str]:
@@ -211,68 +268,57 @@ class SqueezedKVStore(BasePydanticVectorStore):
         ids = [n.node_id for n in nodes]
         if len(set(ids)) != len(ids):
             raise ConfigError("add() got several nodes with the same node_id; give every node its own id.")
-        replaced = set(ids) & set(self.node_ids)
-        if replaced:
-            self._remove(replaced)
-        new = [_Entry(n, node_text(n), (0, 0)) for n in nodes]
-        if self._corpus is not None:  # exact incremental insert: continuation prefill after the corpus
-            self._corpus, spans = self._engine.append_texts(self._corpus, self.spans, [e.text for e in new])
-            self._entries += new
-            self._set_spans(spans)
-        else:
-            self._entries += new
-            self._rebuild(progress)
+        with self._write_lock:
+            state = self._state
+            engine = state.engine
+            corpus, entries = _without(engine, state.corpus, list(state.entries), set(ids) & set(state.node_ids))
+            new = [NodeEntry(n, node_text(n), (0, 0)) for n in nodes]
+            if corpus is not None:  # exact incremental insert: continuation prefill after the corpus
+                corpus, spans = engine.append_texts(corpus, [e.span for e in entries], [e.text for e in new])
+                entries = entries + new
+            else:
+                entries = entries + new
+                corpus, spans = engine.build_corpus([e.text for e in entries], progress=progress)
+            self._state = state.replace(corpus=corpus, entries=_with_spans(entries, spans))
         return ids
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Remove every node of document ``ref_doc_id`` from the corpus."""
-        self._remove({e.node.node_id for e in self._entries if e.node.ref_doc_id == ref_doc_id})
+        with self._write_lock:
+            self._remove({e.node.node_id for e in self._state.entries if e.node.ref_doc_id == ref_doc_id})
 
     def delete_nodes(self, node_ids: Optional[List[str]] = None, filters: Optional[MetadataFilters] = None,
                      **delete_kwargs: Any) -> None:
         """Remove the nodes with ``node_ids`` (and/or matching ``filters``) from the corpus."""
         if node_ids is None and (filters is None or not filters.filters):
             raise ConfigError("delete_nodes() needs node_ids or filters; use clear() to remove every node.")
-        self._remove({e.node.node_id for e in self._matching(node_ids, None, filters)})
+        with self._write_lock:
+            self._remove({e.node.node_id for e in self._matching(self._state.entries, node_ids, None, filters)})
 
     def clear(self) -> None:
-        self._entries, self._corpus, self._baseline, self._source = [], None, None, None
+        with self._write_lock:
+            self._source = None
+            self._state = self._state.replace(corpus=None, entries=())
 
     def get_nodes(self, node_ids: Optional[List[str]] = None,
                   filters: Optional[MetadataFilters] = None) -> List[BaseNode]:
-        return [e.node for e in self._matching(node_ids, None, filters)]
+        return [e.node for e in self._matching(self._state.entries, node_ids, None, filters)]
 
     def _remove(self, ids: set[str]) -> None:
         if not ids:
             return
         self._require_llm()
-        gone = [i for i, e in enumerate(self._entries) if e.node.node_id in ids]
-        if len(gone) == len(self._entries):
-            self.clear()
-            return
-        # exact delete: the texts and their separators go, every token after them is re-encoded
-        self._corpus, spans = self._engine.remove_texts(self._corpus, self.spans, gone)
-        self._entries = [e for e in self._entries if e.node.node_id not in ids]
-        self._set_spans(spans)
-
-    def _set_spans(self, spans: Sequence[tuple[int, int]]) -> None:
-        if len(spans) != len(self._entries):  # internal invariant of the engine's update calls
-            raise AssertionError(f"engine returned {len(spans)} spans for {len(self._entries)} nodes")
-        for e, span in zip(self._entries, spans):
-            e.span = (int(span[0]), int(span[1]))
-        self._baseline = None
-
-    def _rebuild(self, progress: bool = False) -> None:
-        self._baseline = None
-        if not self._entries:
-            self._corpus = None
-            return
-        self._corpus, spans = self._engine.build_corpus([e.text for e in self._entries], progress=progress)
-        self._set_spans(spans)
+        with self._write_lock:
+            state = self._state
+            corpus, entries = _without(state.engine, state.corpus, list(state.entries), ids)
+            if len(entries) != len(state.entries):
+                self._state = state.replace(corpus=corpus, entries=entries)
 
     # ------------------------------------------------------------------------------------------ query
-    def _matching(self, node_ids=None, doc_ids=None, filters: MetadataFilters | None = None) -> list[_Entry]:
-        entries = self._entries
+    @staticmethod
+    def _matching(entries: Sequence[NodeEntry], node_ids=None, doc_ids=None,
+                  filters: MetadataFilters | None = None) -> list[NodeEntry]:
+        entries = list(entries)
         if node_ids is not None:
             wanted = set(node_ids)
             entries = [e for e in entries if e.node.node_id in wanted]
@@ -286,29 +332,25 @@ class SqueezedKVStore(BasePydanticVectorStore):
         return entries
 
     def baseline_mass(self) -> list[float]:
-        """Attention mass of a neutral question on every node (dense), cached until the corpus changes."""
-        if self._baseline is None:
-            corpus = self.require_corpus()
-            self._baseline = span_mass(self._engine.attention_mass(corpus, BASELINE_QUESTION, keep=1.0), self.spans)
-        return self._baseline
+        """Attention mass of a neutral question on every node (dense), cached per version."""
+        self._require_llm()
+        return self._state.baseline_mass()
 
     def node_mass(self, question: str, keep: float = 1.0, history: list[tuple[str, str]] | None = None) -> list[float]:
-        """Attention mass the question's tokens put on every node's span (corpus order)."""
-        corpus = self.require_corpus()
-        return span_mass(self._engine.attention_mass(corpus, question, keep=check_keep(keep), history=history),
-                         self.spans)
+        """Attention mass the question's tokens put on every node's span (corpus order, current version)."""
+        self._require_llm()
+        return self._state.node_mass(question, keep, history)
 
     def lift(self, node_mass: Sequence[float]) -> list[float]:
-        """Attention lift of every node: its mass over the neutral question's mass on it."""
-        return [m / max(b, _EPS) for m, b in zip(node_mass, self.baseline_mass())]
+        """Attention lift of every node: its mass over the neutral question's mass on it (current version)."""
+        self._require_llm()
+        return self._state.lift(node_mass)
 
     def rank(self, node_mass: Sequence[float], top_k: int | None = None,
-             entries: list[_Entry] | None = None) -> list[NodeWithScore]:
+             entries: list[NodeEntry] | None = None) -> list[NodeWithScore]:
         """Nodes (all, or ``entries``) with score = attention lift, best first, at most ``top_k``."""
-        lift = dict(zip(self.node_ids, self.lift(node_mass)))
-        pool = self._entries if entries is None else entries
-        ranked = sorted(pool, key=lambda e: -lift[e.node.node_id])[: top_k if top_k is not None else len(pool)]
-        return [NodeWithScore(node=e.node, score=float(lift[e.node.node_id])) for e in ranked]
+        self._require_llm()
+        return self._state.rank(node_mass, top_k, entries)
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """Rank stored nodes by attention lift for ``query.query_str`` (embeddings are not used)."""
@@ -318,19 +360,22 @@ class SqueezedKVStore(BasePydanticVectorStore):
         top_k = query.similarity_top_k
         if not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"similarity_top_k must be a positive int; got {top_k!r}.")
-        pool = self._matching(query.node_ids, query.doc_ids, query.filters)
-        if self._corpus is None or not pool:
+        snap = self.snapshot()
+        pool = self._matching(snap.entries, query.node_ids, query.doc_ids, query.filters)
+        if snap.corpus is None or not pool:
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
-        ranked = self.rank(self.node_mass(query.query_str, self.retrieval_keep), top_k, pool)
+        self._require_llm()
+        ranked = snap.rank(snap.node_mass(query.query_str, self.retrieval_keep), top_k, pool)
         return VectorStoreQueryResult(nodes=[r.node for r in ranked], similarities=[r.score for r in ranked],
                                       ids=[r.node.node_id for r in ranked])
 
     # ------------------------------------------------------------------------------------ persistence
-    def _records(self):
+    @staticmethod
+    def _records(entries: Sequence[NodeEntry]):
         from .storage import DocumentRecord, NodeRecord
 
         nodes, docs = [], {}
-        for pos, e in enumerate(self._entries):
+        for pos, e in enumerate(entries):
             ref = e.node.ref_doc_id
             nodes.append(NodeRecord(e.node.node_id, ref, e.text, dict(e.node.metadata), e.span[0], e.span[1], pos))
             if ref is not None:
@@ -346,37 +391,64 @@ class SqueezedKVStore(BasePydanticVectorStore):
             raise ConfigError(f"SqueezedKVStore persists to the local filesystem only; got fs={type(fs).__name__}.")
         self.persist_to(Path(persist_path).parent / KV_DIRNAME)
 
-    def persist_to(self, directory: str | os.PathLike, progress: bool = False) -> None:
-        """Write the KV index (SQLite metadata + safetensors) atomically into ``directory``."""
+    def _unchanged_at(self, directory: Path, snap: StoreSnapshot) -> str | None:
+        """The persist token of ``directory`` when it already holds exactly ``snap`` (nothing to write)."""
+        from .storage import load_index_records
+
+        done = self._persisted
+        if done is None or done[1] is None or done[2] != snap.version or done[0] != str(directory.resolve()):
+            return None
+        try:
+            manifest, _, _ = load_index_records(directory)
+        except (OSError, ValueError):  # missing, corrupt, other format: write it again
+            return None
+        return done[1] if (manifest.extra or {}).get(PERSIST_TOKEN_KEY) == done[1] else None
+
+    def persist_to(self, directory: str | os.PathLike, progress: bool = False, token: str | None = None) -> str:
+        """Write the KV index (SQLite metadata + safetensors) atomically into ``directory``, from one snapshot.
+
+        ``token`` (default: a fresh uuid) is recorded as the generation's persist token; returns the token
+        of the generation now at ``directory`` (the previous one when it already held this exact state)."""
         from .storage import manifest_from_corpus, persist_index
 
         directory = Path(directory)
-        if self._source is not None:
-            if Path(self._source[0]).resolve() == directory.resolve():
-                return  # unchanged since it was read from there
+        source, snap = self._source, self.snapshot()
+        if source is not None:
+            if Path(source[0]).resolve() == directory.resolve():
+                return source[1]  # unchanged since it was read from there
             raise ConfigError("attach a SqueezedLLM (SqueezedKVIndex(..., llm=llm)) before persisting a loaded store "
                               "elsewhere.")
-        corpus = self.require_corpus()
+        unchanged = self._unchanged_at(directory, snap)
+        if unchanged is not None:
+            return unchanged
+        self._require_llm()
+        corpus = snap.require_corpus()
+        token = token or uuid.uuid4().hex
         local = self._llm.local
         manifest = manifest_from_corpus(
             corpus, model_id=local.model_id, model_fingerprint=local.model_fingerprint(),
-            tokenizer_fingerprint=local.tokenizer_fingerprint(), config=self._engine.config.to_dict(),
-            layout=self._engine.layout.settings(), extra={"node_text": "content without metadata"})
-        documents, nodes = self._records()
+            tokenizer_fingerprint=local.tokenizer_fingerprint(), config=snap.engine.config.to_dict(),
+            layout=snap.engine.layout.settings(),
+            extra={"node_text": "content without metadata", PERSIST_TOKEN_KEY: token})
+        documents, nodes = self._records(snap.entries)
         persist_index(directory, corpus, manifest, documents, nodes, progress=progress)
+        self._persisted = (str(directory.resolve()), token, snap.version)
+        return token
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str | os.PathLike, llm: Any = None, **kwargs: Any) -> "SqueezedKVStore":
-        """Open a persisted KV index (``persist_dir`` or its ``sqattn_kv`` folder). Tensors are read, checked
-        against ``llm``'s fingerprints and moved to its device once an LLM is attached."""
+        """Open a persisted KV index (``persist_dir`` or its ``sqattn_kv`` folder). With ``llm``, tensors and
+        records are read in one go (one generation, checked against ``llm``'s fingerprints, on its device);
+        without, only the records are read and the tensors follow once an LLM is attached."""
         from .storage import load_index_records
 
         directory = resolve_kv_dir(persist_dir)
-        manifest, _, records = load_index_records(directory)
         store = cls(**kwargs)
-        store._entries = [_Entry(_record_node(r), r.text, (r.token_start, r.token_end))
-                          for r in sorted(records, key=lambda r: r.position)]
-        store._source = (str(directory), manifest)
         if llm is not None:
+            store._source = (str(directory), None)
             store.attach_llm(llm)
+            return store
+        manifest, _, records = load_index_records(directory)
+        store._state = StoreSnapshot(0, None, None, _entries_of(records))
+        store._source = (str(directory), (manifest.extra or {}).get(PERSIST_TOKEN_KEY))
         return store

@@ -112,7 +112,7 @@ def read_tensor_file(
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 out[name] = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # RuntimeError: torch mmap of a vanished file
         raise CorruptIndexError(f"index file {path} is not a readable safetensors file ({exc}); "
                                 "rebuild the index.") from None
     if device is not None:
