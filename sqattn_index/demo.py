@@ -11,13 +11,15 @@ from .documents import DATA_DIR, sample_documents
 __all__ = ["run_demo"]
 
 
-def run_demo(keep: float = 0.2, max_new_tokens: int = 40, num_questions: int = 4, out=print) -> list[dict]:
-    """Run the demo; returns one row per question (answers, budgets, timings)."""
+def run_demo(keep: float = 0.2, max_new_tokens: int = 40, num_questions: int = 4, out=print,
+             model: str | None = None) -> list[dict]:
+    """Run the demo (``model``: default the embedded SmolLM2); returns one row per question (answers, budgets,
+    timings)."""
     from .index import SqueezedKVIndex
     from .llm import SqueezedLLM
 
     t0 = time.perf_counter()
-    llm = SqueezedLLM.from_pretrained()
+    llm = SqueezedLLM.from_pretrained(model)
     t_model = time.perf_counter() - t0
     docs = sample_documents()
     t1 = time.perf_counter()
