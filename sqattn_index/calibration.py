@@ -45,9 +45,9 @@ def _coarse_probs(layer: LayerKV, grouped: torch.Tensor, scale: float):
     return logits, log_sizes, _per_key_probs(logits, log_sizes)
 
 
-def _fine_probs(layer: LayerKV, grouped: torch.Tensor, scale: float, coarse_keep: torch.Tensor, c_logits, c_logsz):
+def _fine_probs(layer: LayerKV, logits: torch.Tensor, coarse_keep: torch.Tensor, c_logits, c_logsz):
+    """Hierarchical per-key estimates of the fine clusters, given fine logits [W, Hk, G, Cf] (computed once)."""
     hk, cf = layer.num_kv_heads, layer.num_fine
-    logits = scale * torch.einsum("bhqd,hcd->bhqc", grouped.float(), layer.fine_centroids.float())
     log_sizes = layer.fine_sizes.float().log().view(1, hk, 1, cf)
     parent = _fine_parent(layer.coarse_offsets, cf)
     allowed = coarse_keep.gather(-1, parent.unsqueeze(0).expand(coarse_keep.shape[0], hk, cf))
@@ -70,6 +70,7 @@ def calibrate_layer(layer: LayerKV, window_queries: torch.Tensor, keep_ladder: t
     # One sample query per window token: [W, Hk, G, D].
     grouped = group_queries_ref(window_queries.permute(1, 0, 2).unsqueeze(2), hk)  # [W, Hk, G, D]
     c_logits, c_logsz, coarse_probs = _coarse_probs(layer, grouped, scale)
+    f_logits = scale * torch.einsum("bhqd,hcd->bhqc", grouped.float(), layer.fine_centroids.float())
     s, e = layer.clustered_range
     fine_rows, coarse_rows = [], []
     for keep in keep_ladder:
@@ -78,7 +79,7 @@ def calibrate_layer(layer: LayerKV, window_queries: torch.Tensor, keep_ladder: t
         everything = torch.ones_like(coarse_probs, dtype=torch.bool)
         c_thr = threshold_for_fraction(coarse_probs, layer.coarse_sizes, everything, c_frac)
         coarse_keep = coarse_probs >= c_thr.view(1, hk, 1)
-        fine_probs, allowed = _fine_probs(layer, grouped, scale, coarse_keep, c_logits, c_logsz)
+        fine_probs, allowed = _fine_probs(layer, f_logits, coarse_keep, c_logits, c_logsz)
         fine_rows.append(threshold_for_fraction(fine_probs, layer.fine_sizes, allowed, frac))
         coarse_rows.append(c_thr)
     layer.keep_ladder = tuple(keep_ladder)
