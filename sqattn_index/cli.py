@@ -57,8 +57,10 @@ def _config(args):
 def _llm(args, model: str | None = None):
     from .llm import SqueezedLLM
 
-    return SqueezedLLM.from_pretrained(model if model is not None else getattr(args, "model", None),
-                                       device=getattr(args, "device", None), config=_config(args))
+    model = model if model is not None else getattr(args, "model", None)
+    if model is not None and Path(model).exists():  # a local folder / .gguf: recorded absolute in the index
+        model = str(Path(model).resolve())
+    return SqueezedLLM.from_pretrained(model, device=getattr(args, "device", None), config=_config(args))
 
 
 def _index_model(kv_dir: Path) -> str | None:
