@@ -15,6 +15,7 @@ __all__ = [
     "centroid_lookup_ref",
     "ranges_from_mask_ref",
     "sparse_attention_ref",
+    "ranges_to_index_ref",
     "causal_attention_ref",
     "lse_merge_ref",
 ]
@@ -173,6 +174,17 @@ def ranges_from_mask_ref(
     return starts, ends, counts.to(torch.int64)
 
 
+def ranges_to_index_ref(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Concatenated positions of the ranges [starts[i], ends[i]) (1-D int64 tensors) as one int64 tensor."""
+    lens = (ends - starts).clamp(min=0)
+    total = int(lens.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64, device=starts.device)
+    first = torch.cumsum(lens, 0) - lens  # output offset of each range
+    owner = torch.repeat_interleave(torch.arange(lens.numel(), device=starts.device), lens)
+    return starts[owner] + torch.arange(total, device=starts.device) - first[owner]
+
+
 def sparse_attention_ref(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -200,8 +212,7 @@ def sparse_attention_ref(
             c = int(counts[bi, h])
             if c == 0:
                 continue
-            idx = torch.cat([torch.arange(int(s), int(e), device=q.device)
-                             for s, e in zip(starts[bi, h, :c].tolist(), ends[bi, h, :c].tolist())])
+            idx = ranges_to_index_ref(starts[bi, h, :c], ends[bi, h, :c])
             if idx.numel() == 0:
                 continue
             k = keys[h].index_select(0, idx).float()  # [M, D]

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .corpus_kv import CorpusKV
+from .kernels.reference import ranges_to_index_ref
 from .selection import SelectionSpec, select_positions, select_ranges
 
 __all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing"]
@@ -184,8 +185,7 @@ class SqueezedCache(Cache):
                 c = int(sel.counts[r, h])
                 if c == 0:
                     continue
-                idx = torch.cat([torch.arange(int(s), int(e), device=layer.keys.device)
-                                 for s, e in zip(sel.starts[r, h, :c].tolist(), sel.ends[r, h, :c].tolist())])
+                idx = ranges_to_index_ref(sel.starts[r, h, :c], sel.ends[r, h, :c])
                 qh = q_sel[r, h * g:(h + 1) * g].float()  # [G, T', D]
                 s = torch.matmul(qh, layer.keys[h].index_select(0, idx).float().t()) * scale  # [G, T', M]
                 p = torch.exp(s - lse_sel[r, h * g:(h + 1) * g].unsqueeze(-1)).sum(dim=(0, 1))  # [M]
