@@ -62,6 +62,16 @@ def run_eval(tasks_path: str | Path, keeps: list[float], model: str | None = Non
                     print(f"[context {ci + 1}, {corpus.num_tokens} tok] keep={keep:<5} {task.id}: "
                           f"{row['prediction'][:60]!r} acc={row['accuracy']:.0f} budget={row['kv_budget']:.3f}",
                           file=sys.stderr)
+        # Written after every context, so an interrupted run leaves the results of the contexts it finished.
+        report = _report(rows, keeps, ci + 1)
+        if json_out:
+            Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        if items_out:
+            Path(items_out).write_text(json.dumps({"items": rows, "builds": build_seconds}, indent=2) + "\n")
+    return _report(rows, keeps, len(build_seconds))
+
+
+def _report(rows: list[dict], keeps: list[float], contexts: int) -> dict:
     results = []
     for keep in keeps:
         sel = [r for r in rows if r["keep"] == keep]
@@ -73,12 +83,7 @@ def run_eval(tasks_path: str | Path, keeps: list[float], model: str | None = Non
         out["seconds"] = sum(r["seconds"] for r in sel)
         out["n"] = len(sel)
         results.append(out)
-    report = {"results": results}
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if items_out:
-        Path(items_out).write_text(json.dumps({"items": rows, "builds": build_seconds}, indent=2) + "\n")
-    return report
+    return {"results": results, "contexts": contexts}
 
 
 def format_results(report: dict) -> str:
