@@ -17,7 +17,7 @@ from llama_index.core.chat_engine.types import AgentChatResponse, BaseChatEngine
 from .config import check_keep
 from .errors import ConfigError
 from .llm import messages_to_turns
-from .query_engine import answer_metadata, with_docstore_nodes
+from .query_engine import answer_metadata, decode_settings, with_docstore_nodes
 
 __all__ = ["SqueezedChatEngine", "ChatHistory"]
 
@@ -73,12 +73,7 @@ class SqueezedChatEngine(BaseChatEngine):
             raise ConfigError("the vector store has no SqueezedLLM attached; build the chat engine from an index.")
         self._store = vector_store
         self._keep = check_keep(keep)
-        self._decode = {"max_new_tokens": int(max_new_tokens if max_new_tokens is not None else llm.max_new_tokens),
-                        "temperature": float(temperature if temperature is not None else llm.temperature),
-                        "top_p": float(top_p if top_p is not None else llm.top_p),
-                        "seed": seed if seed is not None else llm.seed}
-        if self._decode["max_new_tokens"] < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1; got {max_new_tokens!r}.")
+        self._decode = decode_settings(llm, max_new_tokens, temperature, top_p, seed)
         if max_turns is not None and (not isinstance(max_turns, int) or max_turns < 0):
             raise ConfigError(f"max_turns must be an int >= 0 or None; got {max_turns!r}.")
         if source_top_k is not None and (not isinstance(source_top_k, int) or source_top_k < 1):

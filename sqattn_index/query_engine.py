@@ -51,6 +51,17 @@ def with_docstore_nodes(ranked: List[NodeWithScore], docstore: Any) -> List[Node
     return out
 
 
+
+def decode_settings(llm, max_new_tokens, temperature, top_p, seed) -> dict:
+    """Generation settings of an engine: each given value, else the LLM's own (shared with the chat engine)."""
+    out = {"max_new_tokens": int(max_new_tokens if max_new_tokens is not None else llm.max_new_tokens),
+           "temperature": float(temperature if temperature is not None else llm.temperature),
+           "top_p": float(top_p if top_p is not None else llm.top_p),
+           "seed": seed if seed is not None else llm.seed}
+    if out["max_new_tokens"] < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1; got {max_new_tokens!r}.")
+    return out
+
 class SqueezedQueryEngine(BaseQueryEngine):
     """Query engine over a ``SqueezedKVStore``.
 
@@ -73,12 +84,7 @@ class SqueezedQueryEngine(BaseQueryEngine):
         llm = vector_store.llm
         if llm is None:
             raise ConfigError("the vector store has no SqueezedLLM attached; build the query engine from an index.")
-        self._decode = {"max_new_tokens": int(max_new_tokens if max_new_tokens is not None else llm.max_new_tokens),
-                        "temperature": float(temperature if temperature is not None else llm.temperature),
-                        "top_p": float(top_p if top_p is not None else llm.top_p),
-                        "seed": seed if seed is not None else llm.seed}
-        if self._decode["max_new_tokens"] < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1; got {max_new_tokens!r}.")
+        self._decode = decode_settings(llm, max_new_tokens, temperature, top_p, seed)
         if source_top_k is not None and (not isinstance(source_top_k, int) or source_top_k < 1):
             raise ConfigError(f"source_top_k must be a positive int or None; got {source_top_k!r}.")
         self._top_k = source_top_k
