@@ -83,6 +83,24 @@ def _scores(qv, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWI
 
 
 @triton.jit
+def _qnorm2(qv):
+    """|q|^2 [BLOCK_Q] in fp32 of a query tile."""
+    qf = qv.to(tl.float32)
+    return _sum(qf * qf, axis=1)
+
+
+@triton.jit
+def _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD: tl.constexpr):
+    """logits + s^2 |q|^2 v_c / 2 (the variance term of the estimate; SPREAD points at this head's row)."""
+    if HAS_SPREAD:
+        v = tl.load(SPREAD + offs_c, mask=sel, other=0.0).to(tl.float32)
+        res = logits + half_s2 * qn2[:, None] * v[None, :]
+    else:
+        res = logits
+    return res
+
+
+@triton.jit
 def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Cluster range [lo, hi) of unit g of the program and whether it is active (int32 1): the fine clusters of
     coarse cluster g (active when kept), or the program's block of BLOCK_C clusters. (Masks combine with
@@ -118,14 +136,14 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 
 @triton.jit
 def _lse_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS,
-    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq,
-    HK, NQ, NC, NCC, Q_PER_PROG, scale,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
+    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2,
     BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
     GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
     STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -157,6 +175,7 @@ def _lse_kernel(
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        qn2 = _qnorm2(qv)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
         for g in range(g_lo, g_hi):
@@ -170,6 +189,7 @@ def _lse_kernel(
                     cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
                     logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
                     logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                    logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
                     if STORE_LOGITS:
                         tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
                                  mask=q_ok[:, None] & sel[None, :])
@@ -184,15 +204,17 @@ def _lse_kernel(
 
 @triton.jit
 def _prob_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS, SPREAD, FIXED,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
     s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
-    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, scale, sink_len, window_len,
+    s_vh, s_fb, s_fh,
+    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, scale, half_s2, sink_len, window_len,
     BY_PARENT: tl.constexpr, GROUP: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr,
     HAS_PART2: tl.constexpr, FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr,
     WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, MULTI_Q: tl.constexpr, ROWWISE: tl.constexpr,
     NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
+    HAS_FIXED: tl.constexpr,
 ):
     """Sums over this program's queries of exp(logit - log Z_q) into PSUM[b, h, pid_q, c] (read-modify-write
     over query tiles: the program owns those entries); with FINISH, probabilities and decisions."""
@@ -227,8 +249,14 @@ def _prob_kernel(
                 logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
         else:
             logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+        if HAS_FIXED:  # exact log-normaliser of the always-attended keys
+            fz = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
+            top = tl.maximum(logz, fz)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            logz = top + tl.log(tl.exp(logz - top) + tl.exp(fz - top))
         logz = tl.where(q_ok, logz, 0.0)
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        qn2 = _qnorm2(qv)
         for g in range(g_lo, g_hi):
             lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
@@ -245,6 +273,7 @@ def _prob_kernel(
                     else:
                         cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
                         logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                        logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
                     p = tl.exp(logits - logz[:, None])
                     acc = _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
                 if MULTI_Q:
@@ -276,6 +305,8 @@ def _prob_kernel(
                             offs_q = q0 + offs_qb
                             qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
                             logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                            logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, c_ok, _qnorm2(qv), half_s2,
+                                                 HAS_SPREAD)
                             t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
                             mx = _max(t, axis=1)
                             mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -305,8 +336,9 @@ class _Level:
     """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
     coarse parent (one program per ``group`` coarse clusters)."""
 
-    def __init__(self, q, cent, sizes, scale, precision, coff=None):
+    def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None):
         self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
+        self.spread = spread.float().contiguous() if spread is not None else None
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
         self.rowwise = self.nq <= 16
@@ -338,7 +370,11 @@ class _Level:
         coff = self.coff if self.coff is not None else self.sizes
         return dict(HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=c["BLOCK_Q"],
                     BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=self.rowwise, NATIVE=self.native,
-                    BY_PARENT=self.coff is not None, GROUP=self.group, num_warps=c["num_warps"]), keepc, coff
+                    BY_PARENT=self.coff is not None, GROUP=self.group, num_warps=c["num_warps"],
+                    HAS_SPREAD=self.spread is not None), keepc, coff
+
+    def _spread(self, dummy):
+        return self.spread if self.spread is not None else dummy
 
     def lse(self, keepc=None, dropped=False):
         """Partial log-normalisers [B, Hk, NB, Q]; the allowed mask [B, Hk, C] uint8 (fine level grouped by
@@ -350,18 +386,20 @@ class _Level:
         store = self.rowwise and not dropped
         logits = torch.empty(self.b, self.hk, self.nq, self.nc, dtype=torch.float32, device=dev) if store else part
         common, keepc, coff = self._common(keepc if keepc is not None else part)
+        spread = self._spread(self.sizes)
         _lse_kernel[self.grid](
-            q, cent, self.sizes, keepc, coff, allowed, part, logits,
+            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            self.hk, self.nq, self.nc, self.ncc, self.q_per, self.scale,
+            spread.stride(0), self.hk, self.nq, self.nc, self.ncc, self.q_per, self.scale,
+            0.5 * self.scale * self.scale,
             DROPPED=dropped, STORE_LOGITS=store, **common,
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 
     def probs(self, parts, keepc=None, allowed=None, thr=None, write_dropped=False, seglen=None, sink=0, window=0,
-              logits=None):
+              logits=None, fixed=None):
         """Per-key probabilities [B, Hk, C] float32 and, with ``thr``, keep [B, Hk, C] uint8 (plus the
         dropped clusters' partial log-normalisers [B, Hk, NB, Q] when ``write_dropped``). ``parts``: partial
         log-normalisers [B, Hk, NB', Q] whose logsumexp is log Z."""
@@ -386,16 +424,19 @@ class _Level:
         lg = logits if logits is not None else psum
         common, keepc, coff = self._common(keepc if keepc is not None else psum)
         block_p = min(triton.next_power_of_2(max(part1.shape[2], p2.shape[2])), 512)
+        spread = self._spread(self.sizes)
+        fz = fixed.float() if fixed is not None else psum
         _prob_kernel[self.grid](
             q, cent, self.sizes, keepc, coff, alw, logz, part1, p2, thr if thr is not None else psum, psum, keep,
-            dpart, seg, lg,
+            dpart, seg, lg, spread, fz,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), alw.stride(0), alw.stride(1),
             logz.stride(0), logz.stride(1), part1.stride(0), part1.stride(1), part1.stride(2),
             p2.stride(0), p2.stride(1), p2.stride(2), psum.stride(0), psum.stride(1), psum.stride(2),
             seg.stride(0), seg.stride(1), dpart.stride(0), dpart.stride(1), dpart.stride(2),
-            lg.stride(0), lg.stride(1), lg.stride(2),
-            self.hk, self.nq, self.nc, self.ncc, part1.shape[2], p2.shape[2], self.q_per, self.scale, sink, window,
+            lg.stride(0), lg.stride(1), lg.stride(2), spread.stride(0), fz.stride(0), fz.stride(1),
+            self.hk, self.nq, self.nc, self.ncc, part1.shape[2], p2.shape[2], self.q_per, self.scale,
+            0.5 * self.scale * self.scale, sink, window, HAS_FIXED=fixed is not None,
             HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
             HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
             WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
@@ -420,7 +461,8 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
-         coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0):
+         coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
+         fine_spread=None, coarse_spread=None, fixed_logz=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
     length of every segment (sinks, fine clusters, window) there."""
@@ -429,20 +471,20 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     b, hk, nq, _ = q.shape
     thr = fine_threshold.float().contiguous() if fine_threshold is not None else None
     coarse_probs = allowed = None
-    seg = dict(seglen=seglen, sink=sink, window=window)
+    seg = dict(seglen=seglen, sink=sink, window=window, fixed=fixed_logz)
     if not hierarchical:
-        fine = _Level(q, fine_centroids, fine_sizes, scale, precision)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread)
         part, _, logits = fine.lse()
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
-        coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision)
-        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets)
+        coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision, spread=coarse_spread)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets, spread=fine_spread)
         part_c, _, logits_c = coarse.lse()
         if thr is not None:
             cthr = coarse_threshold.float().contiguous()
-            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True)
+            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True, fixed=fixed_logz)
         else:
-            coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c)
+            coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c, fixed=fixed_logz)
             allowed_c = torch.ones(b, hk, coarse.nc, dtype=torch.bool, device=q.device)
             keep_c = _budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget).to(torch.uint8)
             dpart = None
@@ -475,6 +517,9 @@ LOOKUP_DOC_ARGS = """
         fine_threshold / coarse_threshold: [Hk] float32 per-key probability thresholds (threshold mode), or None.
         budget / coarse_budget: [B, Hk] float32 keys to keep per level (budget mode), or None.
         scale: softmax scale; hierarchical: False for a flat lookup over every fine centroid.
+        fine_spread / coarse_spread: [Hk, Cf] / [Hk, Cc] per-dimension key variance per cluster (the variance
+            term of the estimate), or None; fixed_logz: [B, Hk, Q] exact log-normaliser of the always-attended
+            keys (``always_logz_ref``), or None.
         precision: fp32 scores of many queries (Q > 16) against fp32 centroids: "ieee" (exact, default) or
             "tf32" (faster; decisions may differ from the reference within about 1e-3 of a threshold).
 """
@@ -494,6 +539,9 @@ def centroid_lookup(
     scale: float,
     hierarchical: bool = True,
     *,
+    fine_spread: torch.Tensor | None = None,
+    coarse_spread: torch.Tensor | None = None,
+    fixed_logz: torch.Tensor | None = None,
     precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which fine clusters to keep, by coarse-then-fine centroid lookup (Triton; same arguments and results
@@ -504,7 +552,8 @@ def centroid_lookup(
     """
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
-                               precision)
+                               precision, fine_spread=fine_spread, coarse_spread=coarse_spread,
+                               fixed_logz=fixed_logz)
     return keep, _read(allowed, *keep.shape, coarse_centroids.shape[1], q.device)
 
 
@@ -541,6 +590,9 @@ def centroid_lookup_positions(
     num_tokens: int,
     sink_tokens: int,
     window_tokens: int,
+    fine_spread: torch.Tensor | None = None,
+    coarse_spread: torch.Tensor | None = None,
+    fixed_logz: torch.Tensor | None = None,
     precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
@@ -559,7 +611,8 @@ def centroid_lookup_positions(
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
-                               precision, seglen=seglen, sink=sink_tokens, window=window_tokens)
+                               precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
+                               fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz)
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed,
                                       num_coarse=coarse_centroids.shape[1])
     if read is None:

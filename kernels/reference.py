@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "group_queries_ref",
+    "always_logz_ref",
     "centroid_lookup_ref",
     "ranges_from_mask_ref",
     "sparse_attention_ref",
@@ -27,6 +28,32 @@ def group_queries_ref(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, T, D] -> [B, Hk, G*T, D]: the queries each KV head serves (head-major within a group)."""
     b, hq, t, d = q.shape
     return q.reshape(b, num_kv_heads, (hq // num_kv_heads) * t, d)
+
+
+def always_logz_ref(q: torch.Tensor, keys: torch.Tensor, sink_tokens: int, window_tokens: int, scale: float
+                    ) -> torch.Tensor:
+    """log sum_k exp(s q.k) over the always-attended keys (the first ``sink_tokens`` and last ``window_tokens``
+    sorted positions): q [B, Hk, Q, D] grouped queries, keys [Hk, N, D] -> [B, Hk, Q] float32 (-inf if none).
+
+    The exact part of the lookup's normaliser: the estimate over clusters is then a share of all the
+    fixed context's attention, so a head whose mass sits on the sinks does not outvote its group.
+    """
+    n = keys.shape[1]
+    s = min(sink_tokens, n)
+    b, hk, nq, _ = q.shape
+    if s + min(window_tokens, n - s) == 0:
+        return torch.full((b, hk, nq), NEG_INF, dtype=torch.float32, device=q.device)
+    k = torch.cat([keys[:, :s], keys[:, max(n - window_tokens, s):]], dim=1).float()  # [Hk, S + W, D], on device
+    return torch.logsumexp(scale * torch.einsum("bhqd,hkd->bhqk", q.float(), k), dim=-1)
+
+
+def _spread_term(qf: torch.Tensor, spread: torch.Tensor | None, scale: float) -> torch.Tensor | float:
+    """s^2 |q|^2 v_c / 2 [B, Hk, Q, C] (0 without spreads): log of E exp(s q.k) / exp(s q.c) for keys spread
+    evenly around c with per-dimension variance v_c."""
+    if spread is None:
+        return 0.0
+    qn2 = (qf * qf).sum(-1, keepdim=True)  # [B, Hk, Q, 1]
+    return 0.5 * scale * scale * qn2 * spread.float().unsqueeze(0).unsqueeze(2)
 
 
 def _per_key_probs(logits: torch.Tensor, log_sizes: torch.Tensor, extra_logz: torch.Tensor | None = None):
@@ -69,6 +96,10 @@ def centroid_lookup_ref(
     coarse_budget: torch.Tensor | None,
     scale: float,
     hierarchical: bool = True,
+    *,
+    fine_spread: torch.Tensor | None = None,
+    coarse_spread: torch.Tensor | None = None,
+    fixed_logz: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which fine clusters to keep, by coarse-then-fine centroid lookup.
 
@@ -82,10 +113,13 @@ def centroid_lookup_ref(
             or None. Exactly one of ``fine_threshold`` and ``budget`` is given.
         scale: softmax scale (1 / sqrt(D)).
         hierarchical: False scores every fine centroid (flat lookup) and ignores the coarse level.
+        fine_spread / coarse_spread: [Hk, Cf] / [Hk, Cc] per-dimension key variance of each cluster, or None.
+        fixed_logz: [B, Hk, Q] exact log-normaliser of the always-attended keys (``always_logz_ref``), or None.
 
-    The per-key probability estimate of cluster j for query q is exp(s q.c_j) / Z_q with
-    Z_q = sum_k n_k exp(s q.c_k); in hierarchical mode Z_q sums fine terms inside kept coarse clusters and
-    coarse terms for the others. Estimates are averaged over the queries of each KV head.
+    The per-key probability estimate of cluster j for query q is exp(l_j) / Z_q with the logit
+    l_j = s q.c_j (+ s^2 |q|^2 v_j / 2 with spreads) and Z_q = sum_k n_k exp(l_k) (+ exp(fixed_logz)); in
+    hierarchical mode Z_q sums fine terms inside kept coarse clusters and coarse terms for the others.
+    Estimates are averaged over the queries of each KV head.
 
     Returns:
         keep: [B, Hk, Cf] bool, fine clusters to attend.
@@ -98,15 +132,17 @@ def centroid_lookup_ref(
     cf = fine_centroids.shape[1]
     fine_log_sizes = fine_sizes.float().log().view(1, hk, 1, cf)
     fine_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, fine_centroids.float())  # [B, Hk, Q, Cf]
+    fine_logits = fine_logits + _spread_term(qf, fine_spread, scale)
     if not hierarchical:
-        fine_probs = _per_key_probs(fine_logits, fine_log_sizes)
+        fine_probs = _per_key_probs(fine_logits, fine_log_sizes, fixed_logz)
         allowed = torch.ones(b, hk, cf, dtype=torch.bool, device=q.device)
         read = torch.full((b, hk), cf, dtype=torch.int64, device=q.device)
     else:
         cc = coarse_centroids.shape[1]
         coarse_log_sizes = coarse_sizes.float().log().view(1, hk, 1, cc)
         coarse_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, coarse_centroids.float())  # [B, Hk, Q, Cc]
-        coarse_probs = _per_key_probs(coarse_logits, coarse_log_sizes)  # [B, Hk, Cc]
+        coarse_logits = coarse_logits + _spread_term(qf, coarse_spread, scale)
+        coarse_probs = _per_key_probs(coarse_logits, coarse_log_sizes, fixed_logz)  # [B, Hk, Cc]
         if fine_threshold is not None:
             coarse_keep = coarse_probs >= coarse_threshold.view(1, hk, 1)
         else:
@@ -117,6 +153,8 @@ def centroid_lookup_ref(
         # Denominator: fine terms of kept coarse clusters + coarse terms of the dropped ones.
         dropped = torch.where(~coarse_keep.unsqueeze(2), coarse_logits + coarse_log_sizes, NEG_INF)
         extra = torch.logsumexp(dropped, dim=-1)  # [B, Hk, Q]
+        if fixed_logz is not None:
+            extra = torch.logaddexp(extra, fixed_logz.float())
         masked = torch.where(allowed.unsqueeze(2), fine_logits, NEG_INF)
         fine_probs = _per_key_probs(masked, fine_log_sizes, extra)
         read = cc + allowed.sum(-1)

@@ -46,6 +46,7 @@ class BenchConfig:
     keys_per_fine: int = 16
     fine_per_coarse: int = 16
     coarse_slack: float = 3.0
+    estimate: str = "full"  # "full": variance term + exact sink/window normaliser (the engine's); "plain"
     clustering: bool = True
     sweep: bool = False  # time launch settings of the sparse kernel at the first context, keep 0.1
     profile: bool = False  # print a per-kernel profile of the squeezed step at the first context, keep 0.1
@@ -126,6 +127,8 @@ class Layer:
     coarse_offsets: torch.Tensor
     sink: int
     window: int
+    fine_spread: torch.Tensor | None = None  # [Hk, Cf] float32
+    coarse_spread: torch.Tensor | None = None
 
 
 def synthetic_layer(hk: int, n: int, d: int, dtype, device, cfg: BenchConfig, seed: int = 0) -> Layer:
@@ -159,8 +162,23 @@ def synthetic_layer(hk: int, n: int, d: int, dtype, device, cfg: BenchConfig, se
     coarse_sizes = torch.zeros(cc, dtype=torch.int64, device=device).index_add_(0, parent, fine_sizes)
     coarse_c = torch.zeros(hk, cc, d, device=device).index_add_(1, parent, fine_c * w) / coarse_sizes.view(1, cc, 1)
     ex = lambda t: t.unsqueeze(0).expand(hk, *t.shape).contiguous()  # noqa: E731
-    return Layer(keys, values, fine_c.to(dtype), ex(fine_sizes), ex(fine_offsets), coarse_c.to(dtype),
-                 ex(coarse_sizes), ex(coarse_offsets), sink, window)
+    layer = Layer(keys, values, fine_c.to(dtype), ex(fine_sizes), ex(fine_offsets), coarse_c.to(dtype),
+                  ex(coarse_sizes), ex(coarse_offsets), sink, window)
+    from .clustering import cluster_spreads
+
+    layer.fine_spread, layer.coarse_spread = cluster_spreads(
+        keys, layer.fine_offsets, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_offsets)
+    return layer
+
+
+def estimate_kwargs(layer: Layer, qg: torch.Tensor, scale: float, estimate: str) -> dict:
+    """The lookup's estimate terms as the engine computes them per step (``selection.estimate_args``)."""
+    if estimate == "plain":
+        return {}
+    from .kernels.reference import always_logz_ref
+
+    return dict(fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
+                fixed_logz=always_logz_ref(qg, layer.keys, layer.sink, layer.window, scale))
 
 
 def make_queries(layer: Layer, hq: int, t: int, seed: int) -> torch.Tensor:
@@ -188,17 +206,18 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
     coarse_budget = (fine_budget * cfg.coarse_slack).clamp(max=float(n))
     args = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
             layer.coarse_offsets)
-    _, cprobs = centroid_probs(*args, None, None, fine_budget, coarse_budget, scale, True)
+    kw = estimate_kwargs(layer, qg, scale, cfg.estimate)
+    _, cprobs = centroid_probs(*args, None, None, fine_budget, coarse_budget, scale, True, **kw)
     ckeep = _budget_mask(cprobs, layer.coarse_sizes, torch.ones_like(cprobs, dtype=torch.bool), coarse_budget)
     cthr = torch.where(ckeep, cprobs, float("inf")).amin(-1)[0]  # [Hk]
-    fprobs, _ = centroid_probs(*args, torch.zeros(hk, device=qg.device), cthr, None, None, scale, True)
+    fprobs, _ = centroid_probs(*args, torch.zeros(hk, device=qg.device), cthr, None, None, scale, True, **kw)
     allowed = fprobs > 0
     fkeep = _budget_mask(fprobs, layer.fine_sizes, allowed, fine_budget)
     fthr = torch.where(fkeep, fprobs, float("inf")).amin(-1)[0]
     return fthr.contiguous(), cthr.contiguous()
 
 
-def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str):
+def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str, estimate: str = "full"):
     """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.sparse_attention import segment_lows, sparse_attention_positions
@@ -212,7 +231,8 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
 
     def lookup():
         return centroid_lookup_positions(*largs, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink,
-                                         window_tokens=layer.window, precision=precision)
+                                         window_tokens=layer.window, precision=precision,
+                                         **estimate_kwargs(layer, qg, scale, estimate))
 
     def step():
         _, _, pos, total = lookup()
@@ -362,11 +382,12 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
         precision = "ieee" if phase == "decode" else "tf32"
         for keep in cfg.keeps:
             fthr, cthr = calibrate(layer, qg, keep, cfg, scale)
-            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision)
+            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate)
             keep_mask, read, pos, total = lookup()
             kept = int(total.sum())
             kv_bytes = kept * kv_row
-            cent_bytes = int(read.sum()) * d * layer.fine_centroids.element_size()
+            spread_bytes = 4 if cfg.estimate == "full" else 0
+            cent_bytes = int(read.sum()) * (d * layer.fine_centroids.element_size() + spread_bytes)
             if n <= 32768 and shape == cfg.shapes[0]:  # spot check against the torch reference
                 out, _ = step()
                 s, e, c = ranges_from_mask_ref(keep_mask, layer.fine_offsets, n, layer.sink, layer.window)
@@ -477,13 +498,16 @@ def parse_args(argv) -> BenchConfig:
     p.add_argument("--append", action="store_true", help="merge into an existing OUT/results.json")
     p.add_argument("--out", default=BenchConfig.out, help="folder for results.json and speedup.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--estimate", choices=("full", "plain"), default=BenchConfig.estimate,
+                   help="lookup estimate: full (variance term + exact sink/window normaliser, as the engine) or "
+                        "plain (centroid only)")
     a = p.parse_args(argv)
     for s in a.shapes:
         if s not in SHAPES:
             p.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
     return BenchConfig(contexts=a.contexts, keeps=a.keeps, shapes=a.shapes, prefill_tokens=a.prefill_tokens,
                        reps=a.reps, clustering=a.clustering, out=a.out, device=a.device,
-                       sweep=a.sweep, profile=a.profile, append=a.append)
+                       sweep=a.sweep, profile=a.profile, append=a.append, estimate=a.estimate)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,8 @@ import torch
 
 from .corpus_kv import LayerKV
 
-__all__ = ["spherical_kmeans", "build_layer_clusters", "assemble_layer", "assign_to_nearest"]
+__all__ = ["spherical_kmeans", "build_layer_clusters", "assemble_layer", "assign_to_nearest", "cluster_spreads",
+           "set_spreads"]
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +155,50 @@ def assemble_layer(keys: torch.Tensor, values: torch.Tensor, sink: int, window: 
         sink_tokens=sink,
         window_tokens=window,
     )
+    set_spreads(layer)
     layer.check()
     return layer
+
+
+def cluster_spreads(keys: torch.Tensor, fine_offsets: torch.Tensor, fine_centroids: torch.Tensor,
+                    fine_sizes: torch.Tensor, coarse_centroids: torch.Tensor, coarse_offsets: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension variance of the keys around their centroid: fine [Hk, Cf] and coarse [Hk, Cc] float32.
+
+    keys [Hk, N, D] in cluster order. fine: mean |k - c_f|^2 / D over the keys of fine cluster f. coarse: the
+    same over all keys of coarse cluster C, sum_f n_f (D v_f + |c_f - c_C|^2) / (n_C D) over its fine clusters.
+    The selection adds s^2 |q|^2 v / 2 to a centroid's logit: the mean of exp(s q.k) over a cluster whose keys
+    spread evenly in every direction (log-normal estimate), not exp of the mean.
+    """
+    hk, _, d = keys.shape
+    cf = fine_sizes.shape[1]
+    start, end = int(fine_offsets[0, 0]), int(fine_offsets[0, -1])
+    dev = keys.device
+    label = torch.stack([torch.repeat_interleave(torch.arange(cf, device=dev), fine_sizes[h]) for h in range(hk)])
+    fine_c = fine_centroids.float()
+    sq = torch.zeros(hk, cf, device=dev)
+    step = max(1, (1 << 24) // max(hk * d, 1))  # chunks of keys: bounded temporary memory
+    for s in range(0, end - start, step):
+        lab = label[:, s:s + step]
+        diff = keys[:, start + s:start + s + lab.shape[1]].float() - torch.gather(
+            fine_c, 1, lab.unsqueeze(-1).expand(-1, -1, d))
+        sq.scatter_add_(1, lab, (diff * diff).sum(-1))
+    n_f = fine_sizes.float()
+    fine = sq / (n_f * d)
+    parent = torch.searchsorted(coarse_offsets[:, 1:].contiguous(),
+                                torch.arange(cf, device=dev).expand(hk, cf).contiguous(), right=True)
+    between = ((fine_c - torch.gather(coarse_centroids.float(), 1, parent.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1)
+    cc = coarse_centroids.shape[1]
+    num = torch.zeros(hk, cc, device=dev).scatter_add_(1, parent, n_f * (fine * d + between))
+    n_c = torch.zeros(hk, cc, device=dev).scatter_add_(1, parent, n_f)
+    return fine.contiguous(), (num / (n_c.clamp_min(1.0) * d)).contiguous()
+
+
+def set_spreads(layer: LayerKV) -> None:
+    """Fill ``layer.fine_spread`` and ``layer.coarse_spread`` from its keys and clusters."""
+    layer.fine_spread, layer.coarse_spread = cluster_spreads(
+        layer.keys, layer.fine_offsets, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
+        layer.coarse_offsets)
 
 
 def assign_to_nearest(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

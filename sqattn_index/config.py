@@ -9,6 +9,7 @@ from .errors import ConfigError
 __all__ = ["SqueezeConfig", "DEFAULT_KEEP_LADDER"]
 
 DEFAULT_KEEP_LADDER = (0.5, 0.3, 0.2, 0.1, 0.05)
+_ADDED_WITH_SPREADS = ("variance_term", "always_in_normaliser")  # absent from configs stored before them
 
 
 @dataclass
@@ -27,11 +28,13 @@ class SqueezeConfig:
     kmeans_iters: int = 5  # recall of the selection is flat from 4 to 12 iterations (docs/eval/README.md)
     seed: int = 0
     keep_ladder: tuple[float, ...] = DEFAULT_KEEP_LADDER
-    coarse_slack: float = 5.0  # coarse level keeps about this many times the fine keep fraction
+    coarse_slack: float = 10.0  # coarse level keeps about this many times the fine keep fraction (docs/eval)
     hierarchical: bool = True
     per_token_selection: bool = True  # multi-token forwards: each token selects its own clusters (as decode does)
     recluster_share: float = 0.25  # insert: full re-cluster once appended tokens pass this share of the corpus
-    selection: str = "threshold"  # "threshold" (calibrated) or "budget" (top clusters, exact fraction)
+    selection: str = "budget"  # "budget" (top clusters, exact fraction) or "threshold" (calibrated; docs/eval)
+    variance_term: bool = True  # estimate adds s^2 |q|^2 v_c / 2 per cluster (v_c: key variance), docs/eval
+    always_in_normaliser: bool = True  # estimate's normaliser includes the exact sink + window terms
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
     extra: dict = field(default_factory=dict)
 
@@ -58,6 +61,9 @@ class SqueezeConfig:
             raise ConfigError(f"backend must be 'auto', 'torch' or 'triton'; got {self.backend!r}.")
         if not 0.0 <= self.recluster_share <= 1.0:
             raise ConfigError(f"recluster_share must lie in [0, 1]; got {self.recluster_share!r}.")
+        for name in ("variance_term", "always_in_normaliser", "hierarchical", "per_token_selection"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"SqueezeConfig.{name} must be True or False; got {getattr(self, name)!r}.")
         if self.coarse_slack < 1.0:
             raise ConfigError(f"coarse_slack must be >= 1; got {self.coarse_slack!r}.")
 
@@ -68,10 +74,13 @@ class SqueezeConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SqueezeConfig":
+        """A config from ``to_dict`` output. Settings of the selection estimate that a stored config predates
+        get the values its thresholds were calibrated with (plain centroid estimate), not today's defaults."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown SqueezeConfig fields {sorted(unknown)}; known: {sorted(known)}.")
+        data = {**{name: False for name in _ADDED_WITH_SPREADS}, **data}
         return cls(**data)
 
 

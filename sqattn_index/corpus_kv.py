@@ -37,6 +37,9 @@ class LayerKV:
         coarse_offsets  [Hk, Cc + 1] int64, fine cluster index ranges; coarse_offsets[:, 0] == 0, [:, -1] == Cf
         thresholds      [L, Hk]      float32, fine per-key probability thresholds, one row per keep in ``keep_ladder``
         coarse_thresholds [L, Hk]    float32, the coarse level's thresholds for the same ladder
+        fine_spread     [Hk, Cf]     float32, per-dimension variance of each fine cluster's keys around its
+                                     centroid, mean |k - c|^2 / D (the selection's variance term)
+        coarse_spread   [Hk, Cc]     float32, the same over all keys of each coarse cluster
     """
 
     keys: torch.Tensor
@@ -53,11 +56,15 @@ class LayerKV:
     keep_ladder: tuple[float, ...] = ()
     thresholds: torch.Tensor | None = None
     coarse_thresholds: torch.Tensor | None = None
+    fine_spread: torch.Tensor | None = None
+    coarse_spread: torch.Tensor | None = None
 
     TENSOR_FIELDS = (
         "keys", "values", "perm", "fine_centroids", "fine_sizes", "fine_offsets",
         "coarse_centroids", "coarse_sizes", "coarse_offsets", "thresholds", "coarse_thresholds",
+        "fine_spread", "coarse_spread",
     )
+    OPTIONAL_FIELDS = ("thresholds", "coarse_thresholds", "fine_spread", "coarse_spread")
 
     @property
     def num_kv_heads(self) -> int:

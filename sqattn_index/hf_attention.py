@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .corpus_kv import CorpusKV
 from .kernels.reference import ranges_to_index_ref
-from .selection import SelectionSpec, select_positions, select_ranges
+from .selection import SelectionSpec, centroid_bytes, select_positions, select_ranges
 
 __all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing"]
 
@@ -147,7 +147,7 @@ class SqueezedCache(Cache):
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         elt = layer.keys.element_size()
         d = layer.head_dim
-        self.read_bytes += (sel.tokens_read * 2 * d + sel.centroids_read * d) * elt
+        self.read_bytes += sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec)
         self.dense_bytes += q_sel.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
         out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
@@ -167,7 +167,7 @@ class SqueezedCache(Cache):
 
         pos, total, tokens, cents = select_positions(layer, query, self.spec, scale)
         elt, d = layer.keys.element_size(), layer.head_dim
-        self.read_bytes += (tokens * 2 * d + cents * d) * elt
+        self.read_bytes += tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec)
         self.dense_bytes += query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
         out_f, lse_f = sparse_attention_positions(query, layer.keys, layer.values, pos, total, scale)
         out_d, lse_d = self.ops.causal_attention(query, key, value, scale)

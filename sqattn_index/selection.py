@@ -13,7 +13,7 @@ import torch
 
 from .config import SqueezeConfig, check_keep
 from .corpus_kv import LayerKV
-from .kernels.reference import group_queries_ref
+from .kernels.reference import always_logz_ref, group_queries_ref
 
 __all__ = ["SelectionSpec", "Selection", "select_ranges"]
 
@@ -25,12 +25,15 @@ class SelectionSpec:
     keep: float
     mode: str = "threshold"  # "threshold" | "budget" (dense when keep == 1.0)
     hierarchical: bool = True
-    coarse_slack: float = 5.0
+    coarse_slack: float = 10.0
+    variance_term: bool = True
+    always_in_normaliser: bool = True
 
     @classmethod
     def from_config(cls, keep: float, config: SqueezeConfig) -> "SelectionSpec":
         return cls(keep=check_keep(keep), mode=config.selection, hierarchical=config.hierarchical,
-                   coarse_slack=config.coarse_slack)
+                   coarse_slack=config.coarse_slack, variance_term=config.variance_term,
+                   always_in_normaliser=config.always_in_normaliser)
 
     @property
     def dense(self) -> bool:
@@ -75,6 +78,23 @@ def _selection_args(layer: LayerKV, spec: SelectionSpec, b: int):
     return None, None, budget, torch.clamp(budget * spec.coarse_slack, max=float(e - s))
 
 
+def centroid_bytes(layer: LayerKV, spec: SelectionSpec) -> int:
+    """Bytes read per centroid scored: the centroid, plus its fp32 spread when the variance term is on."""
+    spread = 4 if spec.variance_term and layer.fine_spread is not None else 0
+    return layer.head_dim * layer.fine_centroids.element_size() + spread
+
+
+def estimate_args(layer: LayerKV, grouped: torch.Tensor, spec: SelectionSpec, scale: float) -> dict:
+    """The lookup's optional estimate terms for ``spec``: cluster spreads and the always-attended keys'
+    exact log-normaliser of the grouped queries [B, Hk, Q, D]."""
+    out = {}
+    if spec.variance_term and layer.fine_spread is not None:
+        out["fine_spread"], out["coarse_spread"] = layer.fine_spread, layer.coarse_spread
+    if spec.always_in_normaliser:
+        out["fixed_logz"] = always_logz_ref(grouped, layer.keys, layer.sink_tokens, layer.window_tokens, scale)
+    return out
+
+
 def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale: float):
     """The Triton fast path: kept-key positions with no host sync (CUDA-graph capturable).
 
@@ -93,11 +113,12 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
         lows = segment_lows(layer.fine_offsets, n, layer.window_tokens)
         layer._seg_lows = lows
     fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
+    grouped = group_queries_ref(q, hk)
     _, read, pos, total = centroid_lookup_positions(
-        group_queries_ref(q, hk), layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
+        grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
         layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
         spec.hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
-        window_tokens=layer.window_tokens)
+        window_tokens=layer.window_tokens, **estimate_args(layer, grouped, spec, scale))
     return pos, total, total.sum(), read.sum()
 
 
@@ -115,7 +136,8 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
     fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
     keep_mask, read = ops.centroid_lookup(
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-        layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical)
+        layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical,
+        **estimate_args(layer, grouped, spec, scale))
     starts, ends, counts = ops.ranges_from_mask(keep_mask, layer.fine_offsets, n, layer.sink_tokens,
                                                 layer.window_tokens)
     # Kept as device tensors: no host sync per layer and step (the budget is read once, at the end).

@@ -68,7 +68,9 @@ def _continue_prefill(engine, past: list[tuple[torch.Tensor, torch.Tensor]], new
 
 def _calibrate_all(engine, layers: list[LayerKV], window_queries: list[torch.Tensor]) -> None:
     for layer, q in zip(layers, window_queries):
-        calibrate_layer(layer, q, engine.config.keep_ladder, engine.scale, engine.config.coarse_slack)
+        cfg = engine.config
+        calibrate_layer(layer, q, cfg.keep_ladder, engine.scale, cfg.coarse_slack, variance_term=cfg.variance_term,
+                        always_in_normaliser=cfg.always_in_normaliser)
 
 
 def append_texts(engine, corpus: CorpusKV, spans: list[tuple[int, int]], texts: list[str]

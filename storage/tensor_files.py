@@ -34,7 +34,7 @@ __all__ = [
 
 CORPUS_FILE = "corpus.safetensors"
 _CHUNK = 1 << 22
-_REQUIRED = tuple(n for n in LayerKV.TENSOR_FIELDS if n not in ("thresholds", "coarse_thresholds"))
+_REQUIRED = tuple(n for n in LayerKV.TENSOR_FIELDS if n not in LayerKV.OPTIONAL_FIELDS)
 
 
 def layer_file_name(layer: int) -> str:
@@ -141,7 +141,7 @@ def layer_from_tensors(
         "keys": (hk, n, d), "values": (hk, n, d), "perm": (hk, n),
         "fine_centroids": (hk, cf, d), "fine_sizes": (hk, cf), "fine_offsets": (hk, cf + 1),
         "coarse_centroids": (hk, cc, d), "coarse_sizes": (hk, cc), "coarse_offsets": (hk, cc + 1),
-        "thresholds": (nl, hk), "coarse_thresholds": (nl, hk),
+        "thresholds": (nl, hk), "coarse_thresholds": (nl, hk), "fine_spread": (hk, cf), "coarse_spread": (hk, cc),
     }
     missing = [name for name in _REQUIRED if name not in tensors]
     unknown = sorted(set(tensors) - set(expected))
@@ -157,4 +157,9 @@ def layer_from_tensors(
         if found != dtype:
             raise CorruptIndexError(f"index file {path}: tensor {name!r} has dtype {found}, expected {dtype} "
                                     "from the index database. Rebuild the index.")
-    return LayerKV(**tensors, sink_tokens=sink_tokens, window_tokens=window_tokens, keep_ladder=keep_ladder)
+    layer = LayerKV(**tensors, sink_tokens=sink_tokens, window_tokens=window_tokens, keep_ladder=keep_ladder)
+    if layer.fine_spread is None or layer.coarse_spread is None:  # written before the spreads were stored
+        from sqattn_index.clustering import set_spreads
+
+        set_spreads(layer)
+    return layer

@@ -178,26 +178,44 @@ def test_sparse_attention_strided_kv():
 # ----------------------------------------------------------------------------------------------- lookup
 
 
-def _ref_probs(q, fc, fs, cc, cs, co, scale, coarse_keep=None):
-    """Reference per-key probabilities: coarse [B, Hk, Cc], and fine [B, Hk, Cf] given the coarse keep."""
+def _ref_probs(q, fc, fs, cc, cs, co, scale, coarse_keep=None, terms=None):
+    """Reference per-key probabilities: coarse [B, Hk, Cc], and fine [B, Hk, Cf] given the coarse keep.
+    ``terms``: (fine_spread, coarse_spread, fixed_logz) of the estimate, written out here independently."""
     qf = q.float()
     b, hk, _, _ = qf.shape
     cf = fc.shape[1]
+    fsp, csp, fixed = terms if terms is not None else (None, None, None)
+    half_qn2 = 0.5 * scale * scale * (qf * qf).sum(-1, keepdim=True)  # [B, Hk, Q, 1]
     fine_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, fc.float())
+    if fsp is not None:
+        fine_logits = fine_logits + half_qn2 * fsp.view(1, hk, 1, cf)
     fls = fs.float().log().view(1, hk, 1, cf)
     if cc is None:
-        return ref._per_key_probs(fine_logits, fls), None
+        return ref._per_key_probs(fine_logits, fls, fixed), None
     ncc = cc.shape[1]
     cls = cs.float().log().view(1, hk, 1, ncc)
     coarse_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, cc.float())
-    coarse_probs = ref._per_key_probs(coarse_logits, cls)
+    if csp is not None:
+        coarse_logits = coarse_logits + half_qn2 * csp.view(1, hk, 1, ncc)
+    coarse_probs = ref._per_key_probs(coarse_logits, cls, fixed)
     if coarse_keep is None:
         return None, coarse_probs
     parent = ref._fine_parent(co, cf)
     allowed = coarse_keep.gather(-1, parent.unsqueeze(0).expand(b, hk, cf))
     extra = torch.logsumexp(torch.where(~coarse_keep.unsqueeze(2), coarse_logits + cls, float("-inf")), dim=-1)
+    if fixed is not None:
+        extra = torch.logaddexp(extra, fixed)
     masked = torch.where(allowed.unsqueeze(2), fine_logits, float("-inf"))
     return ref._per_key_probs(masked, fls, extra), coarse_probs
+
+
+def estimate_terms(q, fc, ccent, gen):
+    """Random cluster spreads (per-dimension variances) and always-attended log-normalisers for a case."""
+    b, hk, nq, _ = q.shape
+    fsp = (0.05 + 0.5 * torch.rand(fc.shape[:2], generator=gen)).to(DEV)
+    csp = (0.2 + 0.8 * torch.rand(ccent.shape[:2], generator=gen)).to(DEV)
+    fixed = (2.0 + 3.0 * torch.randn(b, hk, nq, generator=gen)).to(DEV)
+    return fsp, csp, fixed
 
 
 def midpoint_threshold(probs: torch.Tensor, frac: float, min_gap: float = 1e-3) -> torch.Tensor:
@@ -299,6 +317,58 @@ def test_lookup_budget_matches_ref(b, hk, nq, d, n, cc, dt, cdt, hier):
     kept = (keep * fs.unsqueeze(0)).sum(-1).float()
     if not hier:  # hierarchical mode can be capped by the coarse budget
         assert (kept >= budget).all()
+
+
+ESTIMATE_CASES = [LOOKUP_CASES[i] for i in (0, 3, 5, 6, 7)]
+
+
+@pytest.mark.parametrize("mode", ["threshold", "budget"])
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,dt,cdt,hier", ESTIMATE_CASES)
+def test_lookup_estimate_terms_match_ref(b, hk, nq, d, n, cc, dt, cdt, hier, mode):
+    """Variance term and exact always-attended normaliser: Triton = reference = the formula written out."""
+    (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=11 + b + nq + d,
+                                                           cent_dtype=DTYPES[cdt])
+    scale = d ** -0.5
+    fsp, csp, fixed = estimate_terms(q, fc, ccent, torch.Generator().manual_seed(nq + d))
+    terms = (fsp, csp, fixed)
+    kw = dict(fine_spread=fsp, coarse_spread=csp, fixed_logz=fixed)
+    if mode == "threshold":
+        if hier:
+            _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale, terms=terms)
+            cthr = midpoint_threshold(cprobs, 0.5)
+            fprobs, _ = _ref_probs(q, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1),
+                                   terms=terms)
+        else:
+            cthr = None
+            fprobs, _ = _ref_probs(q, fc, fs, None, None, None, scale, terms=terms)
+        sel = (midpoint_threshold(fprobs, 0.6), cthr, None, None)
+    else:
+        total = fs.sum(1).float().expand(b, hk)
+        sel = (None, None, 0.2 * total, 0.6 * total)
+    args = (q, fc, fs, ccent, cs, co, *sel, scale, hier)
+    keep, read = centroid_lookup(*args, **kw)
+    rkeep, rread = ref.centroid_lookup_ref(*args, **kw)
+    probs, _ = centroid_probs(*args, **kw)
+    if mode == "threshold":
+        assert torch.equal(keep, rkeep), f"{int((keep != rkeep).sum())} keep decisions differ"
+        assert rel_rms(probs, fprobs) < 1e-5
+        assert 0 < int(keep.sum()) < keep.numel()
+    else:
+        _assert_budget_equal(keep, rkeep, probs)
+    assert torch.equal(read, rread)
+    plain, _ = centroid_probs(*args)  # the terms change the estimate
+    assert rel_rms(plain, probs) > 1e-3
+
+
+def test_always_logz_ref_is_logsumexp_over_sinks_and_window():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 16, generator=gen)
+    keys = torch.randn(3, 40, 16, generator=gen)
+    got = ref.always_logz_ref(q, keys, 3, 5, 0.25)
+    idx = list(range(3)) + list(range(35, 40))
+    want = torch.logsumexp(0.25 * torch.einsum("bhqd,hkd->bhqk", q, keys[:, idx]), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.isinf(ref.always_logz_ref(q, keys, 0, 0, 0.25)).all()
 
 
 def test_lookup_rejects_both_modes():
@@ -408,34 +478,39 @@ def test_gpu_sparse_attention_real_sizes(b, hk, g, t, d, dt):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("b,nq,hier,mode,cdt", [
-    pytest.param(1, 4, True, "threshold", "fp32", id="decode-hier-threshold"),
-    pytest.param(2, 4, True, "budget", "fp32", id="decode-hier-budget"),
-    pytest.param(1, 512, True, "threshold", "fp32", id="prefill-hier-threshold-fp32centroids"),
-    pytest.param(1, 512, True, "threshold", "bf16", id="prefill-hier-threshold-bf16centroids-native-dot"),
-    pytest.param(1, 2048, True, "budget", "bf16", id="prefill-hier-budget-bf16centroids-querychunks"),
-    pytest.param(1, 4, True, "threshold", "bf16", id="decode-hier-threshold-bf16centroids"),
-    pytest.param(1, 4, False, "threshold", "fp32", id="decode-flat-threshold"),
+@pytest.mark.parametrize("b,nq,hier,mode,cdt,terms", [
+    pytest.param(1, 4, True, "threshold", "bf16", True, id="decode-hier-threshold-estimate-terms"),
+    pytest.param(2, 4, True, "budget", "bf16", True, id="decode-hier-budget-estimate-terms"),
+    pytest.param(1, 512, True, "threshold", "bf16", True, id="prefill-hier-threshold-estimate-terms"),
+    pytest.param(1, 4, True, "threshold", "fp32", False, id="decode-hier-threshold"),
+    pytest.param(2, 4, True, "budget", "fp32", False, id="decode-hier-budget"),
+    pytest.param(1, 512, True, "threshold", "fp32", False, id="prefill-hier-threshold-fp32centroids"),
+    pytest.param(1, 512, True, "threshold", "bf16", False, id="prefill-hier-threshold-bf16centroids-native-dot"),
+    pytest.param(1, 2048, True, "budget", "bf16", False, id="prefill-hier-budget-bf16centroids-querychunks"),
+    pytest.param(1, 4, True, "threshold", "bf16", False, id="decode-hier-threshold-bf16centroids"),
+    pytest.param(1, 4, False, "threshold", "fp32", False, id="decode-flat-threshold"),
 ])
-def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt):
+def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt, terms):
     hk, d, n = 8, 128, 32768
     (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, n // 256, "bf16", seed=nq + b,
                                                            cent_dtype=DTYPES[cdt])
     scale = d ** -0.5
+    t = estimate_terms(q, fc, ccent, torch.Generator().manual_seed(nq)) if terms else None
+    kw = dict(zip(("fine_spread", "coarse_spread", "fixed_logz"), t)) if terms else {}
     if mode == "threshold":
-        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)
+        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale, terms=t)
         cthr = midpoint_threshold(cprobs, 0.7, min_gap=1e-4) if hier else None
         ck = cprobs >= cthr.view(1, hk, 1) if hier else None
-        fprobs, _ = _ref_probs(q, fc, fs, ccent if hier else None, cs, co, scale, coarse_keep=ck)
+        fprobs, _ = _ref_probs(q, fc, fs, ccent if hier else None, cs, co, scale, coarse_keep=ck, terms=t)
         sel = (midpoint_threshold(fprobs, 0.9, min_gap=1e-4), cthr, None, None)
     else:
         total = fs.sum(1).float().expand(b, hk)
         sel = (None, None, 0.1 * total, 0.3 * total)
     args = (q, fc, fs, ccent, cs, co, *sel, scale, hier)
-    keep, read = centroid_lookup(*args)
-    rkeep, rread = ref.centroid_lookup_ref(*args)
+    keep, read = centroid_lookup(*args, **kw)
+    rkeep, rread = ref.centroid_lookup_ref(*args, **kw)
     if mode == "threshold":
         assert torch.equal(keep, rkeep), f"{int((keep != rkeep).sum())} keep decisions differ"
     else:
-        _assert_budget_equal(keep, rkeep, centroid_probs(*args)[0])
+        _assert_budget_equal(keep, rkeep, centroid_probs(*args, **kw)[0])
     assert torch.equal(read, rread)

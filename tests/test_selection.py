@@ -52,6 +52,35 @@ def test_layout_is_a_permutation_with_contiguous_clusters(layer):
             assert torch.allclose(lay.fine_centroids[h, j], lay.keys[h, s:e].mean(0), atol=1e-5)
 
 
+def test_cluster_spreads_are_the_key_variances(layer):
+    lay = layer[0]
+    d = lay.head_dim
+    for h in range(lay.num_kv_heads):
+        for j in (0, lay.num_fine // 3, lay.num_fine - 1):
+            s, e = lay.fine_offsets[h, j].item(), lay.fine_offsets[h, j + 1].item()
+            want = ((lay.keys[h, s:e] - lay.fine_centroids[h, j]) ** 2).sum(-1).mean() / d
+            assert torch.allclose(lay.fine_spread[h, j], want, rtol=1e-4, atol=1e-6)
+        for c in (0, lay.num_coarse - 1):
+            f0, f1 = lay.coarse_offsets[h, c].item(), lay.coarse_offsets[h, c + 1].item()
+            s, e = lay.fine_offsets[h, f0].item(), lay.fine_offsets[h, f1].item()
+            want = ((lay.keys[h, s:e] - lay.coarse_centroids[h, c]) ** 2).sum(-1).mean() / d
+            assert torch.allclose(lay.coarse_spread[h, c], want, rtol=1e-4, atol=1e-6)
+
+
+def test_variance_term_estimates_the_mean_exponential():
+    """For keys spread as a Gaussian around c, mean exp(s q.k) = exp(s q.c + s^2 |q|^2 v / 2): the spread
+    term brings the estimate to the Monte Carlo mean where the bare centroid underestimates it."""
+    g = torch.Generator().manual_seed(2)
+    d, v, s = 32, 0.4, 32 ** -0.5
+    c = torch.randn(d, generator=g)
+    k = c + v ** 0.5 * torch.randn(200000, d, generator=g)
+    q = 3 * torch.randn(d, generator=g)
+    mc = torch.logsumexp(s * k @ q, 0) - torch.log(torch.tensor(200000.0))
+    bare = s * (q @ c)
+    with_term = bare + 0.5 * s * s * (q @ q) * v
+    assert abs(float(with_term - mc)) < 0.05 < abs(float(bare - mc))
+
+
 def test_kmeans_is_deterministic_and_repairs_empty_clusters():
     x = torch.randn(2, 50, 8)
     x[:, 10:] = x[:, :1]  # 41 identical points: many clusters would be empty without repair
