@@ -27,7 +27,7 @@ def triton_available() -> bool:
 def get_ops(backend: str = "auto") -> SimpleNamespace:
     """Ops for ``backend``: "torch" (references), "triton" (kernels) or "auto" (triton on CUDA, else torch).
 
-    Returns a namespace with ``centroid_lookup``, ``ranges_from_mask``, ``sparse_attention``,
+    Returns a namespace with ``centroid_lookup``, ``always_logz``, ``ranges_from_mask``, ``sparse_attention``,
     ``causal_attention``, ``lse_merge`` (each with the signature of its ``*_ref``) and ``backend``,
     the name actually chosen. ``ranges_from_mask`` and ``causal_attention`` are torch in both.
     """
@@ -38,11 +38,14 @@ def get_ops(backend: str = "auto") -> SimpleNamespace:
     common = dict(ranges_from_mask=reference.ranges_from_mask_ref, causal_attention=reference.causal_attention_ref)
     if backend == "torch":
         return SimpleNamespace(backend="torch", centroid_lookup=reference.centroid_lookup_ref,
+                               always_logz=reference.always_logz_ref,
                                sparse_attention=reference.sparse_attention_ref,
                                lse_merge=reference.lse_merge_ref, **common)
+    from .always_logz import always_logz
     from .lookup import centroid_lookup
     from .merge import lse_merge
     from .sparse_attention import sparse_attention
 
-    return SimpleNamespace(backend="triton", centroid_lookup=centroid_lookup, sparse_attention=sparse_attention,
+    return SimpleNamespace(backend="triton", centroid_lookup=centroid_lookup, always_logz=always_logz,
+                           sparse_attention=sparse_attention,
                            lse_merge=lse_merge, **common)

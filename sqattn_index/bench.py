@@ -175,10 +175,10 @@ def estimate_kwargs(layer: Layer, qg: torch.Tensor, scale: float, estimate: str)
     """The lookup's estimate terms as the engine computes them per step (``selection.estimate_args``)."""
     if estimate == "plain":
         return {}
-    from .kernels.reference import always_logz_ref
+    from .kernels.always_logz import always_logz
 
     return dict(fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
-                fixed_logz=always_logz_ref(qg, layer.keys, layer.sink, layer.window, scale))
+                fixed_logz=always_logz(qg, layer.keys, layer.sink, layer.window, scale))
 
 
 def make_queries(layer: Layer, hq: int, t: int, seed: int) -> torch.Tensor:
@@ -551,8 +551,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r["phase"] in ("copy", "clustering"):
             continue
-        log(f"{r['phase']:22s} {r['shape']:10s} {r['context']:8d} {r['keep']:5.2f} {r['dense_ms']:8.3f} "
-            f"{r['squeezed_ms']:9.3f} {r['speedup']:7.2f} {r['achieved_gbps']:6.0f}")
+        num = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+        log(f"{r['phase']:22s} {r['shape']:10s} {num('context', '8d'):>8s} {num('keep', '5.2f'):>5s} "
+            f"{num('dense_ms', '8.3f'):>8s} {num('squeezed_ms', '9.3f'):>9s} {num('speedup', '7.2f'):>7s} "
+            f"{num('achieved_gbps', '6.0f'):>6s}")
     return 0
 
 

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():  # must happen before any Triton kernel is def
 
 from sqattn_index.kernels import reference as ref  # noqa: E402
 from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
+from sqattn_index.kernels.always_logz import always_logz  # noqa: E402
 from sqattn_index.kernels.lookup import (  # noqa: E402
     centroid_lookup,
     centroid_lookup_positions,
@@ -358,6 +359,26 @@ def test_lookup_estimate_terms_match_ref(b, hk, nq, d, n, cc, dt, cdt, hier, mod
     assert torch.equal(read, rread)
     plain, _ = centroid_probs(*args)  # the terms change the estimate
     assert rel_rms(plain, probs) > 1e-3
+
+
+@pytest.mark.parametrize("b,hk,nq,n,sink,window,dt", [
+    pytest.param(1, 2, 4, 300, 4, 64, "bf16", id="decode-G4-bf16"),
+    pytest.param(2, 3, 37, 200, 3, 20, "fp32", id="prefill-Q37-fp32"),
+    pytest.param(1, 1, 5, 10, 0, 3, "fp16", id="window-only"),
+    pytest.param(1, 1, 2, 10, 2, 0, "fp32", id="sinks-only"),
+    pytest.param(1, 2, 3, 10, 0, 0, "fp32", id="none"),
+])
+def test_always_logz_matches_ref(b, hk, nq, n, sink, window, dt):
+    gen = torch.Generator().manual_seed(nq + n)
+    q = torch.randn(b, hk, nq, 64, generator=gen).to(DTYPES[dt]).to(DEV)
+    keys = (2 * torch.randn(hk, n, 64, generator=gen)).to(DTYPES[dt]).to(DEV)
+    got = always_logz(q, keys, sink, window, 0.125)
+    want = ref.always_logz_ref(q, keys, sink, window, 0.125)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    if sink + window == 0:
+        assert torch.isinf(got).all() and torch.isinf(want).all()
+    else:
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_always_logz_ref_is_logsumexp_over_sinks_and_window():
