@@ -22,7 +22,8 @@ from .corpus_kv import CorpusKV
 from .kernels.reference import ranges_to_index_ref
 from .selection import SelectionSpec, centroid_bytes, select_positions, select_ranges
 
-__all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing"]
+__all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing",
+           "StaticNewTokens", "slotted_causal_attention"]
 
 ATTN_NAME = "sqattn"
 _ACTIVE: ContextVar = ContextVar("sqattn_active_cache", default=None)
@@ -109,6 +110,67 @@ class SqueezedLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
+class StaticNewTokens(SqueezedLayer):
+    """New tokens' K/V in preallocated buffers [B, Hk, capacity, D]: fixed addresses and shapes, so a decode
+    step can be captured in a CUDA graph. ``slots`` [T] (int64, on the device, owned by the cache) says where
+    the forward's T new tokens go; ``update`` returns the whole buffers (entries past a query's slot are
+    masked by ``slotted_causal_attention``)."""
+
+    def __init__(self, fixed_len: int, capacity: int, cache: "SqueezedCache"):
+        super().__init__(fixed_len)
+        self.capacity = capacity
+        self._cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hk, _, d = key_states.shape
+        self.keys = torch.zeros(b, hk, self.capacity, d, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(b, hk, self.capacity, value_states.shape[-1], dtype=value_states.dtype,
+                                  device=value_states.device)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self._cache.slots
+        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.fixed_len + self._cache.new_tokens
+
+
+def slotted_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new-token queries over a static buffer of new-token keys, causally by slot.
+
+    query [B, Hq, T, D]; key/value [B, Hk, C, D] (capacity C); slots [T] int64: query t sees buffer entries
+    0 .. slots[t]. Returns out [B, Hq, T, D] and lse [B, Hq, T], float32 (what ``causal_attention_ref`` returns)."""
+    b, hq, t, d = query.shape
+    hk, c = key.shape[1], key.shape[2]
+    q = query.float().reshape(b, hk, (hq // hk) * t, d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hk, G*T, C]
+    seen = torch.arange(c, device=query.device).view(1, c) <= slots.view(t, 1)  # [T, C]
+    logits = logits.masked_fill(~seen.repeat(hq // hk, 1).view(1, 1, (hq // hk) * t, c), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), value.float())
+    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def flash_fixed_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+    """Dense attention of query [B, Hq, T, D] over the whole fixed context keys/values [Hk, N, D] with its
+    log-sum-exp, through PyTorch's FlashAttention op (CUDA, 16-bit); the dense baseline of the
+    CUDA-graph benchmark; grouped-query heads ride as extra query rows of their KV head. Returns out [B, Hq, T, D] float32 and lse [B, Hq, T] float32."""
+    b, hq, t, d = query.shape
+    hk = keys.shape[0]
+    q = query.contiguous().reshape(b, hk, (hq // hk) * t, d)  # a KV head's G query heads as G*T rows
+    k = keys.unsqueeze(0).expand(b, *keys.shape)
+    v = values.unsqueeze(0).expand(b, *values.shape)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    return res[0].float().reshape(b, hq, t, d), res[1].float().reshape(b, hq, t)
+
+
 class SqueezedCache(Cache):
     """A transformers ``Cache`` over a precomputed ``CorpusKV``: fixed KV read sparsely, new tokens densely.
 
@@ -117,21 +179,58 @@ class SqueezedCache(Cache):
     layers, heads and query tokens) to ``mass`` [N] (original token order).
     """
 
-    def __init__(self, corpus: CorpusKV, spec: SelectionSpec, ops):
-        super().__init__(layers=[SqueezedLayer(corpus.num_tokens) for _ in corpus.layers])
+    def __init__(self, corpus: CorpusKV, spec: SelectionSpec, ops, capacity: int | None = None):
+        """``capacity``: hold the new tokens in static buffers of that many tokens (``StaticNewTokens``; needed
+        for CUDA-graph decoding, see ``graph_decode``); each forward then needs ``set_slots`` first."""
+        if capacity is not None:
+            super().__init__(layers=[StaticNewTokens(corpus.num_tokens, capacity, self) for _ in corpus.layers])
+        else:
+            super().__init__(layers=[SqueezedLayer(corpus.num_tokens) for _ in corpus.layers])
         self.corpus = corpus
         self.spec = spec
         self.ops = ops
-        self.read_bytes = 0
-        self.dense_bytes = 0
+        self.capacity = capacity
+        self.dense_backend = "kernel"  # "flash": keep=1.0 on CUDA attends the fixed context with FlashAttention
+        self.slots: torch.Tensor | None = None
+        self.new_tokens = 0
+        dev = corpus.layers[0].keys.device if corpus.layers else "cpu"
+        self._bytes = torch.zeros(2, dtype=torch.float64, device=dev)  # read, dense: in place (graph-safe)
         self.collect_mass = False
         self.per_token = False
         self.mass = None
         self._mass_terms = 0
 
+    def set_slots(self, start: int, count: int) -> None:
+        """Static mode: the next forward's ``count`` new tokens go to buffer slots start .. start + count."""
+        if self.capacity is None:
+            raise RuntimeError("set_slots needs a SqueezedCache built with capacity=...")
+        if start + count > self.capacity:
+            raise ValueError(f"new tokens {start}..{start + count} exceed the cache capacity {self.capacity}; "
+                             "build the cache with a larger capacity.")
+        self.slots = torch.arange(start, start + count, device=self._bytes.device)
+        self.new_tokens = start + count
+
+    @property
+    def read_bytes(self) -> float:
+        return float(self._bytes[0])
+
+    @property
+    def dense_bytes(self) -> float:
+        return float(self._bytes[1])
+
     @property
     def kv_budget(self) -> float:
-        return float(self.read_bytes) / self.dense_bytes if self.dense_bytes else 0.0
+        read, dense = self._bytes.tolist()
+        return read / dense if dense else 0.0
+
+    def _count(self, read, dense) -> None:
+        self._bytes[0] += read
+        self._bytes[1] += dense
+
+    def _new_token_attention(self, query, key, value, scale):
+        if self.capacity is not None:
+            return slotted_causal_attention(query, key, value, self.slots, scale)
+        return self.ops.causal_attention(query, key, value, scale)
 
     def attend(self, layer_idx: int, query, key, value, scale) -> torch.Tensor:
         """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32.
@@ -140,6 +239,13 @@ class SqueezedCache(Cache):
         decode steps would; otherwise the T tokens share one selection (scores averaged over them).
         """
         layer = self.corpus.layers[layer_idx]
+        if self.spec.dense and self.dense_backend == "flash":
+            d, elt = layer.head_dim, layer.keys.element_size()
+            nbytes = query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+            self._count(nbytes, nbytes)
+            out_f, lse_f = flash_fixed_attention(query, layer.keys, layer.values, scale)
+            out_d, lse_d = self._new_token_attention(query, key, value, scale)
+            return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
         split = self.per_token and query.shape[0] == 1 and query.shape[2] > 1 and not self.spec.dense
         if getattr(self.ops, "backend", "torch") == "triton" and not split and not self.collect_mass:
             return self._attend_positions(layer, query, key, value, scale)
@@ -147,14 +253,14 @@ class SqueezedCache(Cache):
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         elt = layer.keys.element_size()
         d = layer.head_dim
-        self.read_bytes += sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec)
-        self.dense_bytes += q_sel.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+        self._count(sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec),
+                    q_sel.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt)
         out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
         if split:
             out_f = out_f[:, :, 0].transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
             lse_f = lse_f[:, :, 0].transpose(0, 1).unsqueeze(0)
-        out_d, lse_d = self.ops.causal_attention(query, key, value, scale)
+        out_d, lse_d = self._new_token_attention(query, key, value, scale)
         out, lse = self.ops.lse_merge(out_f, lse_f, out_d, lse_d)
         if self.collect_mass:
             lse_sel = lse[0].transpose(0, 1).unsqueeze(-1) if split else lse  # q_sel layout: [rows, Hq, T']
@@ -167,10 +273,10 @@ class SqueezedCache(Cache):
 
         pos, total, tokens, cents = select_positions(layer, query, self.spec, scale)
         elt, d = layer.keys.element_size(), layer.head_dim
-        self.read_bytes += tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec)
-        self.dense_bytes += query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
+        self._count(tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec),
+                    query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt)
         out_f, lse_f = sparse_attention_positions(query, layer.keys, layer.values, pos, total, scale)
-        out_d, lse_d = self.ops.causal_attention(query, key, value, scale)
+        out_d, lse_d = self._new_token_attention(query, key, value, scale)
         return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
 
     def _add_mass(self, layer, q_sel, sel, lse_sel, scale) -> None:
