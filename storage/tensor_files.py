@@ -157,9 +157,6 @@ def layer_from_tensors(
         if found != dtype:
             raise CorruptIndexError(f"index file {path}: tensor {name!r} has dtype {found}, expected {dtype} "
                                     "from the index database. Rebuild the index.")
-    layer = LayerKV(**tensors, sink_tokens=sink_tokens, window_tokens=window_tokens, keep_ladder=keep_ladder)
-    if layer.fine_spread is None or layer.coarse_spread is None:  # written before the spreads were stored
-        from sqattn_index.clustering import set_spreads
-
-        set_spreads(layer)
-    return layer
+    # Files written before the cluster spreads existed have none: the selection then uses the plain centroid
+    # estimate, which is what those indexes' thresholds were calibrated for (SqueezeConfig.from_dict).
+    return LayerKV(**tensors, sink_tokens=sink_tokens, window_tokens=window_tokens, keep_ladder=keep_ladder)

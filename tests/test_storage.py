@@ -124,6 +124,23 @@ def template(tmp_path_factory, index_a):
 # ------------------------------------------------------------------------------------------ round trips
 
 
+def test_cluster_spreads_round_trip_and_are_optional(tmp_path):
+    corpus, manifest, docs, nodes = make_index(5)  # odd seed: model fingerprint "model-1"
+    gen = torch.Generator().manual_seed(9)
+    for layer in corpus.layers:
+        layer.fine_spread = torch.rand(layer.fine_sizes.shape, generator=gen)
+        layer.coarse_spread = torch.rand(layer.coarse_sizes.shape, generator=gen)
+    written = persist(tmp_path / "idx", (corpus, manifest, docs, nodes))
+    loaded = st.load_index_files(tmp_path / "idx", device="cpu", expected_model_fingerprint="model-1",
+                                 expected_tokenizer_fingerprint="tok-1")
+    assert_same(loaded, written, corpus, docs, nodes)
+    # A stored config from before the spreads keeps the estimate its thresholds were calibrated with.
+    old = {k: v for k, v in SqueezeConfig().to_dict().items() if k not in ("variance_term", "always_in_normaliser")}
+    cfg = SqueezeConfig.from_dict(old)
+    assert cfg.variance_term is False and cfg.always_in_normaliser is False
+    assert SqueezeConfig.from_dict(SqueezeConfig().to_dict()).variance_term is True
+
+
 def test_round_trip(tmp_path, index_a):
     corpus, manifest, docs, nodes = index_a
     written = persist(tmp_path / "idx", index_a, progress=True)
