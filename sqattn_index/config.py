@@ -36,6 +36,7 @@ class SqueezeConfig:
     variance_term: bool = True  # estimate adds s^2 |q|^2 v_c / 2 per cluster (v_c: key variance), docs/eval
     always_in_normaliser: bool = True  # estimate's normaliser includes the exact sink + window terms
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
+    cuda_graphs: bool = True  # CUDA + triton: decode steps replay one captured CUDA graph (graph_decode.py)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,7 +62,7 @@ class SqueezeConfig:
             raise ConfigError(f"backend must be 'auto', 'torch' or 'triton'; got {self.backend!r}.")
         if not 0.0 <= self.recluster_share <= 1.0:
             raise ConfigError(f"recluster_share must lie in [0, 1]; got {self.recluster_share!r}.")
-        for name in ("variance_term", "always_in_normaliser", "hierarchical", "per_token_selection"):
+        for name in ("variance_term", "always_in_normaliser", "hierarchical", "per_token_selection", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SqueezeConfig.{name} must be True or False; got {getattr(self, name)!r}.")
         if self.coarse_slack < 1.0:

@@ -134,11 +134,17 @@ class SqueezedEngine:
                 "or lower max_new_tokens."
             )
 
-    def new_cache(self, corpus: CorpusKV, keep: float) -> SqueezedCache:
-        """A fresh ``SqueezedCache`` over ``corpus`` for one answer at ``keep``."""
-        cache = SqueezedCache(corpus, SelectionSpec.from_config(keep, self.config), self.ops)
+    def new_cache(self, corpus: CorpusKV, keep: float, capacity: int | None = None) -> SqueezedCache:
+        """A fresh ``SqueezedCache`` over ``corpus`` for one answer at ``keep`` (``capacity``: static buffers
+        for that many new tokens, as CUDA-graph decoding needs)."""
+        cache = SqueezedCache(corpus, SelectionSpec.from_config(keep, self.config), self.ops, capacity=capacity)
         cache.per_token = self.config.per_token_selection
         return cache
+
+    def graphs_enabled(self, corpus: CorpusKV) -> bool:
+        """Whether decode steps replay a CUDA graph: ``config.cuda_graphs``, the corpus on CUDA, Triton ops."""
+        on_cuda = bool(corpus.layers) and corpus.layers[0].keys.device.type == "cuda"
+        return self.config.cuda_graphs and on_cuda and getattr(self.ops, "backend", "torch") == "triton"
 
     def _forward(self, cache: SqueezedCache, ids: torch.Tensor, start: int, logits_to_keep: int = 1):
         pos = torch.arange(start, start + ids.shape[-1], device=self.local.device).unsqueeze(0)
@@ -225,9 +231,15 @@ class AnswerStream:
     def __iter__(self) -> Iterator[str]:
         eng, corpus = self.engine, self.corpus
         tok = eng.local.tokenizer
-        cache = eng.new_cache(corpus, self.spec.keep)
+        graphs = eng.graphs_enabled(corpus) and self.max_new_tokens > 1
+        cache = eng.new_cache(corpus, self.spec.keep, capacity=len(self.suffix) + self.max_new_tokens if graphs else None)
         cache.collect_mass = self.spans is not None
         t0 = time.perf_counter()
+        if graphs:
+            from .graph_decode import GraphDecodeStep
+
+            cache.set_slots(0, len(self.suffix))
+            graph_step = GraphDecodeStep(eng.local.model, cache, corpus.num_tokens)
         logits = eng._forward(cache, self.suffix, corpus.num_tokens)[-1]
         mass = span_mass(cache.normalised_mass(), self.spans)
         cache.collect_mass = False
@@ -248,7 +260,10 @@ class AnswerStream:
                 if delta:
                     yield delta
             if step + 1 < self.max_new_tokens:
-                logits = eng._forward(cache, torch.tensor([nxt]), pos)[-1]
+                if graphs:
+                    logits = graph_step(nxt, pos - corpus.num_tokens)
+                else:
+                    logits = eng._forward(cache, torch.tensor([nxt]), pos)[-1]
                 pos += 1
         t_end = time.perf_counter()
         final = tok.decode(ids, skip_special_tokens=True)
