@@ -15,8 +15,8 @@ program nothing but writing zeros and the fine level does work only under kept c
 Scores: few queries (decode, Q <= 16) row by row in fp32 on CUDA cores; many queries with ``tl.dot``: the
 native 16-bit dot when queries and centroids share a 16-bit dtype (products of 16-bit numbers are exact in
 fp32, so this matches the reference's fp32 math up to summation order), else fp32 with ``precision`` "ieee"
-(default) or "tf32" (faster). Budget mode sorts the Triton-computed probabilities with torch
-(``_budget_mask`` of the reference).
+(default) or "tf32" (faster). Budget mode picks the top clusters from the Triton-computed probabilities with
+``budget.budget_mask`` (a bisection, no sort).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _budget_mask
+from .budget import budget_mask
 from .sparse_attention import _max, _sum, kept_positions, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
@@ -486,7 +486,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         else:
             coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c, fixed=fixed_logz)
             allowed_c = torch.ones(b, hk, coarse.nc, dtype=torch.bool, device=q.device)
-            keep_c = _budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget).to(torch.uint8)
+            keep_c = budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget).to(torch.uint8)
             dpart = None
         if dpart is None:  # the dropped coarse clusters' terms of the denominator, in a separate pass
             dpart, _, _ = coarse.lse(keepc=keep_c, dropped=True)
@@ -494,7 +494,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         probs, keep, _ = fine.probs([part_f, dpart], keepc=keep_c, allowed=allowed, thr=thr, logits=logits, **seg)
     if thr is None:
         allowed_b = allowed.view(torch.bool) if allowed is not None else torch.ones_like(probs, dtype=torch.bool)
-        keep = _budget_mask(probs, fine_sizes, allowed_b, budget)
+        keep = budget_mask(probs, fine_sizes, allowed_b, budget)
     else:
         keep = keep.view(torch.bool)
     if seglen is not None and (thr is None or fine.nqc > 1):

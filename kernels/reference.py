@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "group_queries_ref",
     "always_logz_ref",
+    "budget_mask_ref",
     "centroid_lookup_ref",
     "ranges_from_mask_ref",
     "sparse_attention_ref",
@@ -81,6 +82,9 @@ def _budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor
     mask = torch.zeros_like(allowed)
     mask.scatter_(-1, order, take)
     return mask
+
+
+budget_mask_ref = _budget_mask  # the reference of kernels/budget.py
 
 
 def centroid_lookup_ref(

@@ -47,6 +47,7 @@ class BenchConfig:
     fine_per_coarse: int = 16
     coarse_slack: float = 3.0
     estimate: str = "full"  # "full": variance term + exact sink/window normaliser (the engine's); "plain"
+    selection: str = "threshold"  # "threshold": in-kernel decisions; "budget": top clusters (torch sort)
     clustering: bool = True
     sweep: bool = False  # time launch settings of the sparse kernel at the first context, keep 0.1
     profile: bool = False  # print a per-kernel profile of the squeezed step at the first context, keep 0.1
@@ -217,8 +218,10 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
     return fthr.contiguous(), cthr.contiguous()
 
 
-def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str, estimate: str = "full"):
-    """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]."""
+def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str, estimate: str = "full",
+                 budgets=None):
+    """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]; ``budgets``
+    (fine, coarse) [1, Hk] selects by budget instead of the thresholds."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.sparse_attention import segment_lows, sparse_attention_positions
 
@@ -226,8 +229,9 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
     hk, n = layer.keys.shape[:2]
     qg = q.reshape(b, hk, (hq // hk) * t, d)
     lows = segment_lows(layer.fine_offsets, n, layer.window)
+    sel = (fthr, cthr, None, None) if budgets is None else (None, None, *budgets)
     largs = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-             layer.coarse_offsets, fthr, cthr, None, None, scale, True)
+             layer.coarse_offsets, *sel, scale, True)
 
     def lookup():
         return centroid_lookup_positions(*largs, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink,
@@ -382,7 +386,11 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
         precision = "ieee" if phase == "decode" else "tf32"
         for keep in cfg.keeps:
             fthr, cthr = calibrate(layer, qg, keep, cfg, scale)
-            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate)
+            budgets = None
+            if cfg.selection == "budget":
+                fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
+                budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
+            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate, budgets)
             keep_mask, read, pos, total = lookup()
             kept = int(total.sum())
             kv_bytes = kept * kv_row
@@ -498,6 +506,8 @@ def parse_args(argv) -> BenchConfig:
     p.add_argument("--append", action="store_true", help="merge into an existing OUT/results.json")
     p.add_argument("--out", default=BenchConfig.out, help="folder for results.json and speedup.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--selection", choices=("threshold", "budget"), default=BenchConfig.selection,
+                   help="lookup decisions: calibrated thresholds in-kernel, or top clusters by budget (torch sort)")
     p.add_argument("--estimate", choices=("full", "plain"), default=BenchConfig.estimate,
                    help="lookup estimate: full (variance term + exact sink/window normaliser, as the engine) or "
                         "plain (centroid only)")
@@ -507,7 +517,8 @@ def parse_args(argv) -> BenchConfig:
             p.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
     return BenchConfig(contexts=a.contexts, keeps=a.keeps, shapes=a.shapes, prefill_tokens=a.prefill_tokens,
                        reps=a.reps, clustering=a.clustering, out=a.out, device=a.device,
-                       sweep=a.sweep, profile=a.profile, append=a.append, estimate=a.estimate)
+                       sweep=a.sweep, profile=a.profile, append=a.append, estimate=a.estimate,
+                       selection=a.selection)
 
 
 def main(argv=None) -> int:

@@ -152,7 +152,7 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
     for label in ("dense", "squeezed"):
         decs, ttfts = [], []
         for _ in range(reps):
-            spec = SelectionSpec(keep=1.0 if label == "dense" else keep, mode="threshold")
+            spec = SelectionSpec(keep=1.0 if label == "dense" else keep, mode=SELECTION)
             cache = SqueezedCache(corpus, spec, get_ops("triton"), capacity=len(question) + steps + 1)
             if label == "dense":
                 cache.dense_backend = "flash"
@@ -165,7 +165,7 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
     same = res["squeezed"]["tokens"] == eager_tokens
     log(f"  graphed squeezed tokens equal the eager (growing-cache) squeezed tokens: {same}")
     graphed_logits = generate_graphed.last_logits
-    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode="threshold"), get_ops("triton"),
+    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("triton"),
                           capacity=len(question) + steps + 1)
     static_toks, _, _, _ = generate_graphed(local, cache, n, question, steps, graph=False)
     gt = res["squeezed"]["tokens"]
@@ -181,13 +181,14 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
 
 PROFILE = False
 GRAPHS = False
+SELECTION = "budget"  # the engine's default (SqueezeConfig.selection); --selection threshold for in-kernel
 
 
 def profile_decode(local, corpus, n, question, keep, log) -> None:
     """torch.profiler over 4 squeezed decode steps: where the per-token time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode="threshold"), get_ops("triton"))
+    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("triton"))
     generate(local, cache, n, question, 2, True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(local, cache, n + len(question) + 3, question[:1], 4, True)
@@ -229,7 +230,7 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
                     cache = dense
                 else:
                     model.set_attn_implementation("sqattn")
-                    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode="threshold"), get_ops("triton"))
+                    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("triton"))
                 toks, first, ttft, times = generate(local, cache, n, question, steps, label == "squeezed")
                 ttfts.append(ttft)
                 decs.append(statistics.median(times[2:]))
@@ -249,9 +250,9 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
                          "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]),
                          "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
         # Same inputs through the torch reference path: tokens and first-step logits.
-        ref_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode="threshold"), get_ops("torch"))
+        ref_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("torch"))
         ref_toks, ref_first, _, _ = generate(local, ref_cache, n, question, 8, True)
-        tri_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode="threshold"), get_ops("triton"))
+        tri_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("triton"))
         tri_toks, tri_first, _, _ = generate(local, tri_cache, n, question, 8, True)
         diff = float((ref_first - tri_first).abs().max())
         scale = float(ref_first.abs().max())
@@ -276,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--graphs", action="store_true",
                     help="also decode with CUDA graphs: squeezed vs dense FlashAttention over the same cache")
+    ap.add_argument("--selection", choices=("budget", "threshold"), default="budget")
     args = ap.parse_args(argv)
-    global PROFILE, GRAPHS
-    PROFILE, GRAPHS = args.profile, args.graphs
+    global PROFILE, GRAPHS, SELECTION
+    PROFILE, GRAPHS, SELECTION = args.profile, args.graphs, args.selection
     device = torch.device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

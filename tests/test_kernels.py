@@ -14,6 +14,7 @@ if not torch.cuda.is_available():  # must happen before any Triton kernel is def
 from sqattn_index.kernels import reference as ref  # noqa: E402
 from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
 from sqattn_index.kernels.always_logz import always_logz  # noqa: E402
+from sqattn_index.kernels.budget import budget_mask  # noqa: E402
 from sqattn_index.kernels.lookup import (  # noqa: E402
     centroid_lookup,
     centroid_lookup_positions,
@@ -379,6 +380,32 @@ def test_always_logz_matches_ref(b, hk, nq, n, sink, window, dt):
         assert torch.isinf(got).all() and torch.isinf(want).all()
     else:
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b,hk,c,frac,ties", [
+    pytest.param(2, 3, 37, 0.3, False, id="ragged-C37"),
+    pytest.param(1, 2, 1500, 0.1, False, id="C1500-two-blocks"),
+    pytest.param(2, 1, 64, 0.5, True, id="tied-probabilities"),
+    pytest.param(1, 2, 50, 0.0, False, id="target-zero"),
+    pytest.param(1, 2, 50, 2.0, False, id="target-above-total"),
+])
+def test_budget_mask_matches_ref(b, hk, c, frac, ties):
+    gen = torch.Generator().manual_seed(c + b)
+    probs = torch.exp(-12 * torch.rand(b, hk, c, generator=gen))  # per-key probabilities over 5 decades
+    if ties:
+        probs = (probs * 8).round() / 8
+    sizes = torch.randint(1, 30, (hk, c), generator=gen)
+    allowed = torch.rand(b, hk, c, generator=gen) < 0.8
+    target = frac * (sizes.unsqueeze(0) * allowed).sum(-1).float()
+    probs, sizes, allowed, target = (x.to(DEV) for x in (probs, sizes, allowed, target))
+    keep = budget_mask(probs, sizes, allowed, target)
+    rkeep = ref.budget_mask_ref(probs, sizes, allowed, target)
+    assert keep.dtype == torch.bool and keep.shape == rkeep.shape
+    assert not (keep & ~allowed).any()
+    _assert_budget_equal(keep, rkeep, probs)
+    kept = (keep * sizes.unsqueeze(0)).sum(-1).float()
+    total = (allowed * sizes.unsqueeze(0)).sum(-1).float()
+    assert (kept >= torch.minimum(target, total)).all()
 
 
 def test_always_logz_ref_is_logsumexp_over_sinks_and_window():
