@@ -37,32 +37,32 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, s_pb, s_ph, s_sh, s_ab, s_ah
         ok = (c < NC) & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
         p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
         sz = tl.load(SIZES + h * s_sh + c, mask=ok, other=0).to(tl.float32)
-        lp = tl.log(tl.maximum(p, 1e-38))
-        lo = tl.minimum(lo, -_max(tl.where(ok, -lp, float("-inf")), axis=0))
-        hi = tl.maximum(hi, _max(tl.where(ok, lp, float("-inf")), axis=0))
-        total += _sum(tl.where(ok, sz, 0.0), axis=0)
+        lp = tl.log(tl.maximum(p, 1e-30))  # (a literal below fp32's normal range would be typed fp64)
+        lo = tl.minimum(lo, -_max(tl.where(ok, -lp, float("-inf")), axis=0)).to(tl.float32)
+        hi = tl.maximum(hi, _max(tl.where(ok, lp, float("-inf")), axis=0)).to(tl.float32)
+        total = (total + _sum(tl.where(ok, sz, 0.0), axis=0)).to(tl.float32)
     # Invariant: count(lp >= lo) >= target (or lo is the minimum: keep every allowed cluster);
     # count(lp >= hi') < target for hi' = hi + margin.
-    hi = hi + 1.0
+    hi = (hi + 1.0).to(tl.float32)
     for _ in range(ITERS):
-        mid = 0.5 * (lo + hi)
+        mid = ((lo + hi) * 0.5).to(tl.float32)
         kept = tl.full([], 0.0, tl.float32)
         for c0 in range(0, NC, BLOCK):
             c = c0 + offs
             ok = (c < NC) & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
             p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
             sz = tl.load(SIZES + h * s_sh + c, mask=ok, other=0).to(tl.float32)
-            lp = tl.log(tl.maximum(p, 1e-38))
-            kept += _sum(tl.where(ok & (lp >= mid), sz, 0.0), axis=0)
+            lp = tl.log(tl.maximum(p, 1e-30))
+            kept = (kept + _sum(tl.where(ok & (lp >= mid), sz, 0.0), axis=0)).to(tl.float32)
         take = kept >= target
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid)
-    lo = tl.where(target > 0, lo, float("inf"))  # a target of 0 keeps nothing
+        lo = tl.where(take, mid, lo).to(tl.float32)
+        hi = tl.where(take, hi, mid).to(tl.float32)
+    lo = tl.where(target > 0, lo, float("inf")).to(tl.float32)  # a target of 0 keeps nothing
     for c0 in range(0, NC, BLOCK):
         c = c0 + offs
         ok = (c < NC) & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
         p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
-        lp = tl.log(tl.maximum(p, 1e-38))
+        lp = tl.log(tl.maximum(p, 1e-30))
         keep = ok & (lp >= lo)
         tl.store(KEEP + b * s_kb + h * s_kh + c, keep.to(tl.uint8), mask=c < NC)
 
