@@ -204,20 +204,21 @@ def _lse_kernel(
 
 @triton.jit
 def _prob_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS, SPREAD, FIXED,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS, SPREAD, FIXED, PROBS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
     s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
-    s_vh, s_fb, s_fh,
-    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, scale, half_s2, sink_len, window_len,
+    s_vh, s_fb, s_fh, s_xb, s_xh,
+    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, NT, scale, half_s2, sink_len, window_len,
     BY_PARENT: tl.constexpr, GROUP: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr,
     HAS_PART2: tl.constexpr, FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr,
-    WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, MULTI_Q: tl.constexpr, ROWWISE: tl.constexpr,
+    WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
     NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     HAS_FIXED: tl.constexpr,
 ):
-    """Sums over this program's queries of exp(logit - log Z_q) into PSUM[b, h, pid_q, c] (read-modify-write
-    over query tiles: the program owns those entries); with FINISH, probabilities and decisions."""
+    """Sums over each query tile of exp(logit - log Z_q) into its own row PSUM[b, h, pid_q * NT + tile, c]
+    (written once, never read back by another thread before a barrier); with FINISH (one query chunk), the
+    rows are summed into PROBS[b, h, c] / NQ and the decisions taken from those values."""
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -234,10 +235,12 @@ def _prob_kernel(
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
-    psum_base = PSUM + b * s_rb + h * s_rh + pid_q * s_rq
+    psum_base = PSUM + b * s_rb + h * s_rh
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
-    for q0 in range(q_lo, q_hi, BLOCK_Q):
+    for t in range(NT):  # every row is written (tiles past q_hi store zeros)
+        q0 = q_lo + t * BLOCK_Q
+        row_base = psum_base + (pid_q * NT + t) * s_rq
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
         if FUSED:
@@ -276,14 +279,9 @@ def _prob_kernel(
                         logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
                     p = tl.exp(logits - logz[:, None])
                     acc = _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
-                if MULTI_Q:
-                    not_first = (offs_c * 0 + q0) > q_lo
-                    acc += tl.load(psum_base + offs_c, mask=c_ok & not_first, other=0.0)
-                tl.store(psum_base + offs_c, acc, mask=c_ok)
-        if MULTI_Q:
-            tl.debug_barrier()  # the next query tile reads what this one wrote
+                tl.store(row_base + offs_c, acc, mask=c_ok)
     if FINISH:  # one query chunk (pid_q == 0): probabilities and decisions here
-        tl.debug_barrier()
+        tl.debug_barrier()  # the rows this program's threads wrote
         for g in range(g_lo, g_hi):
             lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
@@ -292,11 +290,14 @@ def _prob_kernel(
                 sel = c_ok & (offs_c * 0 + active > 0)
                 if HAS_ALLOWED:
                     sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
-                probs = tl.load(psum_base + offs_c, mask=c_ok, other=0.0) / NQ
-                tl.store(psum_base + offs_c, probs, mask=c_ok)
+                tot = tl.full([BLOCK_C], 0.0, tl.float32)
+                for t in range(NT):
+                    tot += tl.load(psum_base + t * s_rq + offs_c, mask=c_ok, other=0.0)
+                probs = tot / NQ
+                tl.store(PROBS + b * s_xb + h * s_xh + offs_c, probs, mask=c_ok)
                 if DECIDE:
                     keep = sel & (probs >= tl.load(THR + h))
-                    tl.store(KEEP + b * s_rb + h * s_rh + offs_c, keep.to(tl.uint8), mask=c_ok)
+                    tl.store(KEEP + b * s_xb + h * s_xh + offs_c, keep.to(tl.uint8), mask=c_ok)
                     if WRITE_DROPPED:  # block mode: this block's dropped clusters' log-normaliser
                         dropped = c_ok & ~keep
                         logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
@@ -361,7 +362,6 @@ class _Level:
         self.nb = triton.cdiv(self.ncc, self.group) if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
         self.nqc = 1 if self.nq <= 256 else triton.cdiv(self.nq, 256)  # prefill spreads queries over programs
         self.q_per = triton.cdiv(self.nq, self.nqc)
-        self.multi_q = self.q_per > block_q
         self.grid = (self.nb, self.nqc, self.b * self.hk)
         self.fused = self.nqc == 1 and self.nq <= 64  # reduce the partials in the probability kernel
 
@@ -415,8 +415,10 @@ class _Level:
         p2 = part2 if part2 is not None else part1
         finish = self.nqc == 1
         decide = finish and thr is not None
-        psum = torch.empty(self.b, self.hk, self.nqc, self.nc, dtype=torch.float32, device=dev)
-        keep = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if decide else psum
+        nt = triton.cdiv(self.q_per, self.cfg["BLOCK_Q"])  # query tiles per program, one psum row each
+        psum = torch.empty(self.b, self.hk, self.nqc * nt, self.nc, dtype=torch.float32, device=dev)
+        probs_out = torch.empty(self.b, self.hk, self.nc, dtype=torch.float32, device=dev) if finish else psum
+        keep = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if decide else probs_out
         dpart = (torch.empty(self.b, self.hk, self.nb, self.nq, dtype=torch.float32, device=dev)
                  if write_dropped and decide else psum)
         alw = allowed if allowed is not None else psum
@@ -428,21 +430,22 @@ class _Level:
         fz = fixed.float() if fixed is not None else psum
         _prob_kernel[self.grid](
             q, cent, self.sizes, keepc, coff, alw, logz, part1, p2, thr if thr is not None else psum, psum, keep,
-            dpart, seg, lg, spread, fz,
+            dpart, seg, lg, spread, fz, probs_out,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), alw.stride(0), alw.stride(1),
             logz.stride(0), logz.stride(1), part1.stride(0), part1.stride(1), part1.stride(2),
             p2.stride(0), p2.stride(1), p2.stride(2), psum.stride(0), psum.stride(1), psum.stride(2),
             seg.stride(0), seg.stride(1), dpart.stride(0), dpart.stride(1), dpart.stride(2),
             lg.stride(0), lg.stride(1), lg.stride(2), spread.stride(0), fz.stride(0), fz.stride(1),
-            self.hk, self.nq, self.nc, self.ncc, part1.shape[2], p2.shape[2], self.q_per, self.scale,
+            probs_out.stride(0), probs_out.stride(1),
+            self.hk, self.nq, self.nc, self.ncc, part1.shape[2], p2.shape[2], self.q_per, nt, self.scale,
             0.5 * self.scale * self.scale, sink, window, HAS_FIXED=fixed is not None,
             HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
             HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
             WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
-            LOAD_LOGITS=logits is not None, MULTI_Q=self.multi_q, BLOCK_P=block_p, **common,
+            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common,
         )
-        probs = psum[:, :, 0] if finish else psum.sum(dim=2) / self.nq
+        probs = probs_out if finish else psum.sum(dim=2) / self.nq
         if thr is not None and not decide:  # many queries: decide here
             sel = allowed.bool() if allowed is not None else torch.ones_like(probs, dtype=torch.bool)
             keep = (sel & (probs >= thr.view(1, -1, 1))).to(torch.uint8)
