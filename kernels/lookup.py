@@ -238,9 +238,9 @@ def _prob_kernel(
     psum_base = PSUM + b * s_rb + h * s_rh
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
-    for t in range(NT):  # every row is written (tiles past q_hi store zeros)
-        q0 = q_lo + t * BLOCK_Q
-        row_base = psum_base + (pid_q * NT + t) * s_rq
+    for tile in range(NT):  # every row is written (tiles past q_hi store zeros)
+        q0 = q_lo + tile * BLOCK_Q
+        row_base = psum_base + (pid_q * NT + tile) * s_rq
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
         if FUSED:
@@ -291,8 +291,8 @@ def _prob_kernel(
                 if HAS_ALLOWED:
                     sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
                 tot = tl.full([BLOCK_C], 0.0, tl.float32)
-                for t in range(NT):
-                    tot += tl.load(psum_base + t * s_rq + offs_c, mask=c_ok, other=0.0)
+                for tile in range(NT):
+                    tot += tl.load(psum_base + tile * s_rq + offs_c, mask=c_ok, other=0.0)
                 probs = tot / NQ
                 tl.store(PROBS + b * s_xb + h * s_xh + offs_c, probs, mask=c_ok)
                 if DECIDE:
