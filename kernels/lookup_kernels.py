@@ -1,0 +1,296 @@
+"""Triton kernels of the hierarchical centroid lookup; ``lookup.py`` holds the host side and documents the
+algorithm. ``_lse_kernel``: partial log-normalisers of a program's clusters; ``_prob_kernel``: per-key
+probability estimates, and with one query chunk the threshold decisions, the dropped coarse clusters'
+partial log-normalisers and the kept segment lengths.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sparse_attention import _max, _sum
+
+
+@triton.jit
+def _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q: tl.constexpr, NATIVE: tl.constexpr):
+    """Queries q0 .. q0 + BLOCK_Q (those < q_hi; others 0) -> [BLOCK_Q, BLOCK_D], fp32 unless NATIVE."""
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    qv = tl.load(q_base + offs_q[:, None] * s_qm + offs_d[None, :], mask=(offs_q < q_hi)[:, None] & d_ok[None, :],
+                 other=0.0)
+    # (single return: Triton also visits code after an early return in a static branch)
+    if NATIVE:
+        res = qv
+    else:
+        res = qv.to(tl.float32)
+    return res
+
+
+@triton.jit
+def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
+    cent = tl.load(C + offs_c[:, None] * s_cc + offs_d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0)
+    if NATIVE:
+        res = cent
+    else:
+        res = cent.to(tl.float32)
+    return res
+
+
+@triton.jit
+def _scores(qv, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr,
+            NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of a query tile against a centroid tile."""
+    if ROWWISE:  # few queries: one fp32 multiply-reduce per query row, on CUDA cores
+        offs_qb = tl.arange(0, BLOCK_Q)
+        res = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)
+        for i in tl.static_range(BLOCK_Q):
+            qrow = _sum(tl.where(offs_qb[:, None] == i, qv, 0.0), axis=0)
+            row = _sum(cent * qrow[None, :], axis=1)
+            res = tl.where(offs_qb[:, None] == i, row[None, :], res)
+    elif NATIVE:  # 16-bit products are exact in fp32: the reference's numbers up to summation order
+        res = tl.dot(qv, tl.trans(cent))
+    else:
+        res = tl.dot(qv, tl.trans(cent), input_precision=PRECISION)
+    return res * scale
+
+
+@triton.jit
+def _qnorm2(qv):
+    """|q|^2 [BLOCK_Q] in fp32 of a query tile."""
+    qf = qv.to(tl.float32)
+    return _sum(qf * qf, axis=1)
+
+
+@triton.jit
+def _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD: tl.constexpr):
+    """logits + s^2 |q|^2 v_c / 2 (the variance term of the estimate; SPREAD points at this head's row)."""
+    if HAS_SPREAD:
+        v = tl.load(SPREAD + offs_c, mask=sel, other=0.0).to(tl.float32)
+        res = logits + half_s2 * qn2[:, None] * v[None, :]
+    else:
+        res = logits
+    return res
+
+
+@triton.jit
+def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Cluster range [lo, hi) of unit g of the program and whether it is active (int32 1): the fine clusters of
+    coarse cluster g (active when kept), or the program's block of BLOCK_C clusters. (Masks combine with
+    ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
+    if BY_PARENT:
+        lo = tl.load(COFF + h * s_oh + g).to(tl.int32)
+        hi = tl.load(COFF + h * s_oh + g + 1).to(tl.int32)
+        active = (tl.load(KEEPC + b * s_kb + h * s_kh + g) != 0).to(tl.int32)
+    else:
+        lo = pid_c * BLOCK_C
+        hi = tl.minimum(lo + BLOCK_C, NC)
+        active = (lo < hi).to(tl.int32)
+    return lo, hi, active
+
+
+@triton.jit
+def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """logsumexp over the nb partial rows PART[k, q] for the queries offs_q -> [BLOCK_Q]."""
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    s = tl.full([BLOCK_Q], 0.0, tl.float32)
+    offs_p = tl.arange(0, BLOCK_P)
+    for k0 in range(0, nb, BLOCK_P):
+        kk = k0 + offs_p
+        v = tl.load(PART + kk[:, None] * s_pk + offs_q[None, :], mask=(kk < nb)[:, None] & q_ok[None, :],
+                    other=float("-inf"))
+        m_new = tl.maximum(m, _max(v, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + _sum(tl.exp(v - m_safe[None, :]), axis=0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(s)  # -inf where every partial is -inf
+
+
+@triton.jit
+def _lse_kernel(
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
+    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2,
+    BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
+    GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
+    STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    if BY_PARENT:
+        g_lo = pid_c * GROUP
+        g_hi = tl.minimum(g_lo + GROUP, NCC)
+    else:
+        g_lo = 0
+        g_hi = 1
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_cb = tl.arange(0, BLOCK_C)
+    offs_qb = tl.arange(0, BLOCK_Q)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b * s_qb + h * s_qh
+    q_lo = pid_q * Q_PER_PROG
+    q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
+    if BY_PARENT:
+        if pid_q == 0:
+            for g in range(g_lo, g_hi):
+                lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+                for c0 in range(lo, hi, BLOCK_C):
+                    offs_c = c0 + offs_cb
+                    tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, (offs_c * 0 + active).to(tl.uint8),
+                             mask=offs_c < hi)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        offs_q = q0 + offs_qb
+        q_ok = offs_q < q_hi
+        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        qn2 = _qnorm2(qv)
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        s = tl.full([BLOCK_Q], 0.0, tl.float32)
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            if active > 0:
+                for c0 in range(lo, hi, BLOCK_C):
+                    offs_c = c0 + offs_cb
+                    sel = offs_c < hi
+                    if DROPPED:
+                        sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
+                    cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                    logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
+                    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                    logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
+                    if STORE_LOGITS:
+                        tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
+                                 mask=q_ok[:, None] & sel[None, :])
+                    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
+                    m_new = tl.maximum(m, _max(t, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+                    m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s), mask=q_ok)
+
+
+@triton.jit
+def _prob_kernel(
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS, SPREAD, FIXED, PROBS,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
+    s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
+    s_vh, s_fb, s_fh, s_xb, s_xh,
+    HK, NQ, NC, NCC, NB1, NB2, Q_PER_PROG, NT, scale, half_s2, sink_len, window_len,
+    BY_PARENT: tl.constexpr, GROUP: tl.constexpr, HAS_ALLOWED: tl.constexpr, FUSED: tl.constexpr,
+    HAS_PART2: tl.constexpr, FINISH: tl.constexpr, DECIDE: tl.constexpr, WRITE_DROPPED: tl.constexpr,
+    WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
+    NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
+    HAS_FIXED: tl.constexpr,
+):
+    """Sums over each query tile of exp(logit - log Z_q) into its own row PSUM[b, h, pid_q * NT + tile, c]
+    (written once, never read back by another thread before a barrier); with FINISH (one query chunk), the
+    rows are summed into PROBS[b, h, c] / NQ and the decisions taken from those values."""
+    pid_c = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    if BY_PARENT:
+        g_lo = pid_c * GROUP
+        g_hi = tl.minimum(g_lo + GROUP, NCC)
+    else:
+        g_lo = 0
+        g_hi = 1
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_cb = tl.arange(0, BLOCK_C)
+    offs_qb = tl.arange(0, BLOCK_Q)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b * s_qb + h * s_qh
+    psum_base = PSUM + b * s_rb + h * s_rh
+    q_lo = pid_q * Q_PER_PROG
+    q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
+    for tile in range(NT):  # every row is written (tiles past q_hi store zeros)
+        q0 = q_lo + tile * BLOCK_Q
+        row_base = psum_base + (pid_q * NT + tile) * s_rq
+        offs_q = q0 + offs_qb
+        q_ok = offs_q < q_hi
+        if FUSED:
+            logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+            if HAS_PART2:
+                logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+                top = tl.maximum(logz, logz2)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
+        else:
+            logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+        if HAS_FIXED:  # exact log-normaliser of the always-attended keys
+            fz = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
+            top = tl.maximum(logz, fz)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            logz = top + tl.log(tl.exp(logz - top) + tl.exp(fz - top))
+        logz = tl.where(q_ok, logz, 0.0)
+        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        qn2 = _qnorm2(qv)
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                c_ok = offs_c < hi
+                sel = c_ok & (offs_c * 0 + active > 0)
+                if HAS_ALLOWED:
+                    sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
+                acc = tl.full([BLOCK_C], 0.0, tl.float32)
+                if active > 0:
+                    if LOAD_LOGITS:
+                        logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
+                                         mask=q_ok[:, None] & sel[None, :], other=0.0)
+                    else:
+                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                        logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                        logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
+                    p = tl.exp(logits - logz[:, None])
+                    acc = _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
+                tl.store(row_base + offs_c, acc, mask=c_ok)
+    if FINISH:  # one query chunk (pid_q == 0): probabilities and decisions here
+        tl.debug_barrier()  # the rows this program's threads wrote
+        for g in range(g_lo, g_hi):
+            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            for c0 in range(lo, hi, BLOCK_C):
+                offs_c = c0 + offs_cb
+                c_ok = offs_c < hi
+                sel = c_ok & (offs_c * 0 + active > 0)
+                if HAS_ALLOWED:
+                    sel = sel & (tl.load(ALLOWED + b * s_ab + h * s_ah + offs_c, mask=c_ok, other=0) != 0)
+                tot = tl.full([BLOCK_C], 0.0, tl.float32)
+                for tile in range(NT):
+                    tot += tl.load(psum_base + tile * s_rq + offs_c, mask=c_ok, other=0.0)
+                probs = tot / NQ
+                tl.store(PROBS + b * s_xb + h * s_xh + offs_c, probs, mask=c_ok)
+                if DECIDE:
+                    keep = sel & (probs >= tl.load(THR + h))
+                    tl.store(KEEP + b * s_xb + h * s_xh + offs_c, keep.to(tl.uint8), mask=c_ok)
+                    if WRITE_DROPPED:  # block mode: this block's dropped clusters' log-normaliser
+                        dropped = c_ok & ~keep
+                        logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
+                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
+                        for q0 in range(0, NQ, BLOCK_Q):
+                            offs_q = q0 + offs_qb
+                            qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
+                            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+                            logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, c_ok, _qnorm2(qv), half_s2,
+                                                 HAS_SPREAD)
+                            t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
+                            mx = _max(t, axis=1)
+                            mx = tl.where(mx == float("-inf"), 0.0, mx)
+                            tl.store(DPART + b * s_db + h * s_dh + pid_c * s_dk + offs_q,
+                                     mx + tl.log(_sum(tl.exp(t - mx[:, None]), axis=1)), mask=offs_q < NQ)
+                    if WRITE_SEGLEN:
+                        size = tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=0)
+                        g_base = SEGLEN + b * s_eb + h * s_eh
+                        tl.store(g_base + 1 + offs_c, tl.where(keep, size, 0).to(tl.int32), mask=c_ok)
+        if WRITE_SEGLEN:
+            if pid_c == 0:
+                ends = tl.arange(0, 2)
+                tl.store(SEGLEN + b * s_eb + h * s_eh + ends * (NC + 1),
+                         tl.where(ends == 0, sink_len, window_len).to(tl.int32))
