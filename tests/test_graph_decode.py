@@ -82,3 +82,21 @@ def test_graph_step_needs_static_cuda_cache(tiny):
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecodeStep(engine.local.model, SqueezedCache(corpus, SelectionSpec(1.0), engine.ops, capacity=4),
                         corpus.num_tokens)
+
+
+def test_static_buffers_collect_the_same_attention_mass(tiny):
+    """The engine's CUDA path prefills the question into static buffers while collecting node mass."""
+    engine, corpus = tiny
+    n = corpus.num_tokens
+    suffix = engine.layout.suffix_ids(QUESTION)
+    masses = []
+    for capacity in (None, len(suffix) + 4):
+        cache = SqueezedCache(corpus, SelectionSpec.from_config(0.3, engine.config), engine.ops, capacity=capacity)
+        cache.per_token = True
+        cache.collect_mass = True
+        if capacity is not None:
+            cache.set_slots(0, len(suffix))
+        engine._forward(cache, suffix, n)
+        masses.append(cache.normalised_mass())
+    assert torch.allclose(masses[0], masses[1], atol=1e-6)
+    assert not engine.graphs_enabled(corpus)  # CPU: decode stays eager
