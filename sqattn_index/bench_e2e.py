@@ -115,7 +115,8 @@ def generate(local: LocalModel, cache, n_fixed: int, question: torch.Tensor, ste
 def generate_graphed(local: LocalModel, cache, n_fixed: int, question: torch.Tensor, steps: int, graph: bool = True):
     """As ``generate`` over a static-buffer ``SqueezedCache``: eager question prefill, then decode steps
     replayed from one CUDA graph (``graph_decode.GraphDecodeStep``; the first step captures), or run eagerly
-    through the same static buffers with ``graph=False`` (the check that replay computes what eager does)."""
+    through the same static buffers with ``graph=False`` (the check that replay computes what eager does).
+    Returns (tokens, first logits, ttft, per-step seconds, per-step logits)."""
     from .graph_decode import GraphDecodeStep
 
     dev = local.device
@@ -132,18 +133,14 @@ def generate_graphed(local: LocalModel, cache, n_fixed: int, question: torch.Ten
     first = logits.float().clone()
     tokens = [int(logits.argmax())]
     step = GraphDecodeStep(local.model, cache, n_fixed)
+    run = step if graph else step.eager
     times, all_logits = [], []
     for i in range(steps):
-        if graph:
-            logits, dt = sync_time(lambda: step(tokens[-1], len(q) + i))
-        else:
-            step._set(tokens[-1], len(q) + i)
-            logits, dt = sync_time(step._forward)
+        logits, dt = sync_time(lambda: run(tokens[-1], len(q) + i))
         times.append(dt)
         all_logits.append(logits.float())
         tokens.append(int(logits.argmax()))
-    generate_graphed.last_logits = all_logits
-    return tokens, first, ttft, times
+    return tokens, first, ttft, times, all_logits
 
 
 def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, dev_name, eager_tokens, rows, log):
@@ -156,21 +153,21 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
             cache = SqueezedCache(corpus, spec, get_ops("triton"), capacity=len(question) + steps + 1)
             if label == "dense":
                 cache.dense_backend = "flash"
-            toks, _, ttft, times = generate_graphed(local, cache, n, question, steps)
+            toks, _, ttft, times, step_logits = generate_graphed(local, cache, n, question, steps)
             decs.append(statistics.median(times[2:]))
             ttfts.append(ttft)
-        res[label] = {"decode": min(decs), "ttft": min(ttfts), "tokens": toks, "budget": cache.kv_budget}
+        res[label] = {"decode": min(decs), "ttft": min(ttfts), "tokens": toks, "budget": cache.kv_budget,
+                      "logits": step_logits}
         log(f"  {label:>8} (CUDA graph decode): ttft {1e3 * min(ttfts):.2f} ms, decode {1e3 * min(decs):.3f} ms/token"
             f", KV budget {cache.kv_budget:.3f}")
     same = res["squeezed"]["tokens"] == eager_tokens
     log(f"  graphed squeezed tokens equal the eager (growing-cache) squeezed tokens: {same}")
-    graphed_logits = generate_graphed.last_logits
     cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION), get_ops("triton"),
                           capacity=len(question) + steps + 1)
-    static_toks, _, _, _ = generate_graphed(local, cache, n, question, steps, graph=False)
+    static_toks, _, _, _, static_logits = generate_graphed(local, cache, n, question, steps, graph=False)
     gt = res["squeezed"]["tokens"]
     common = next((i for i in range(1, len(gt)) if gt[i] != static_toks[i]), len(gt))  # same inputs up to here
-    diffs = [float((a - b).abs().max()) for a, b in zip(generate_graphed.last_logits[:common], graphed_logits)]
+    diffs = [float((a - b).abs().max()) for a, b in zip(static_logits[:common], res["squeezed"]["logits"])]
     log(f"  graph replay vs the same static-buffer steps run eagerly: same {steps + 1} tokens "
         f"{static_toks == gt}; max |dlogit| over the {len(diffs)} steps with equal inputs {max(diffs):.4g}")
     d, s = res["dense"]["decode"] * 1e3, res["squeezed"]["decode"] * 1e3

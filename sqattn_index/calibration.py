@@ -12,7 +12,7 @@ import torch
 
 from .corpus_kv import LayerKV
 from .kernels.reference import _fine_parent, _per_key_probs, _spread_term, always_logz_ref, group_queries_ref
-from .selection import cluster_token_target
+from .selection import cluster_token_target, estimate_args
 
 __all__ = ["calibrate_layer", "threshold_for_fraction", "measured_keep_fraction"]
 
@@ -38,16 +38,16 @@ def threshold_for_fraction(probs: torch.Tensor, sizes: torch.Tensor, allowed: to
     return torch.where(thr < 0, torch.zeros_like(thr), thr).float()
 
 
-def window_logz(layer: LayerKV, grouped: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact log-normaliser of the always-attended keys for the window's own queries, causally: window query
-    w [W, Hk, G, D] sees the sinks and window keys 0..w. Returns [W, Hk, G] float32."""
-    n, s_tok, w_tok = layer.num_tokens, layer.sink_tokens, layer.window_tokens
+def window_logz(grouped: torch.Tensor, keys: torch.Tensor, s_tok: int, w_tok: int, scale: float) -> torch.Tensor:
+    """``always_logz_ref`` for the window's own queries, causally: window query w [W, Hk, G, D] sees the
+    sinks and window keys 0..w of keys [Hk, N, D]. Returns [W, Hk, G] float32."""
+    n = keys.shape[1]
     w = grouped.shape[0]
     if w != w_tok:  # stand-in queries (no window): not positions inside the window
-        return always_logz_ref(grouped, layer.keys, s_tok, w_tok, scale)
+        return always_logz_ref(grouped, keys, s_tok, w_tok, scale)
     qf = grouped.float()
-    sink = scale * torch.einsum("whgd,hkd->whgk", qf, layer.keys[:, :s_tok].float())
-    win = scale * torch.einsum("whgd,hkd->whgk", qf, layer.keys[:, n - w_tok:].float())
+    sink = scale * torch.einsum("whgd,hkd->whgk", qf, keys[:, :s_tok].float())
+    win = scale * torch.einsum("whgd,hkd->whgk", qf, keys[:, n - w_tok:].float())
     seen = torch.arange(w_tok, device=qf.device).view(1, w_tok) <= torch.arange(w, device=qf.device).view(w, 1)
     win = torch.where(seen.view(w, 1, 1, w_tok), win, float("-inf"))
     return torch.logsumexp(torch.cat([sink, win], dim=-1), dim=-1)
@@ -75,10 +75,10 @@ def _fine_probs(layer: LayerKV, logits: torch.Tensor, coarse_keep: torch.Tensor,
 
 def _estimate_terms(layer: LayerKV, grouped: torch.Tensor, scale: float, variance_term: bool,
                     always_in_normaliser: bool):
-    """(fine spread, coarse spread, fixed log-normaliser) as the query-time selection uses them."""
-    use = variance_term and layer.fine_spread is not None
-    fixed = window_logz(layer, grouped, scale) if always_in_normaliser else None
-    return (layer.fine_spread if use else None), (layer.coarse_spread if use else None), fixed
+    """(fine spread, coarse spread, fixed log-normaliser) as the query-time selection uses them
+    (``selection.estimate_args``), with the window's queries normalised causally."""
+    kw = estimate_args(layer, grouped, scale, variance_term, always_in_normaliser, window_logz)
+    return kw.get("fine_spread"), kw.get("coarse_spread"), kw.get("fixed_logz")
 
 
 def calibrate_layer(layer: LayerKV, window_queries: torch.Tensor, keep_ladder: tuple[float, ...], scale: float,

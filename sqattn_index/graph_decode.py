@@ -57,6 +57,13 @@ class GraphDecodeStep:
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
+    def eager(self, token_id: int, index: int) -> torch.Tensor:
+        """The same step run eagerly through the same static inputs (no capture, no replay): the check that
+        a replay computes what eager execution does."""
+        self._set(token_id, index)
+        return self._forward()
+
+    @torch.inference_mode()
     def __call__(self, token_id: int, index: int) -> torch.Tensor:
         self._set(token_id, index)
         if self.graph is None:

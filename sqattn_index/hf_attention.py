@@ -211,20 +211,15 @@ class SqueezedCache(Cache):
         self.new_tokens = start + count
 
     @property
-    def read_bytes(self) -> float:
-        return float(self._bytes[0])
-
-    @property
-    def dense_bytes(self) -> float:
-        return float(self._bytes[1])
-
-    @property
     def kv_budget(self) -> float:
         read, dense = self._bytes.tolist()
         return read / dense if dense else 0.0
 
-    def _count(self, read, dense) -> None:
-        self._bytes[0] += read
+    def _count(self, layer, rows: int, read=None) -> None:
+        """Add ``read`` bytes (None: all of the fixed K/V), and the dense bytes of ``rows`` selections over
+        ``layer``, to the KV budget."""
+        dense = rows * layer.num_kv_heads * layer.num_tokens * 2 * layer.head_dim * layer.keys.element_size()
+        self._bytes[0] += dense if read is None else read
         self._bytes[1] += dense
 
     def _new_token_attention(self, query, key, value, scale):
@@ -240,9 +235,7 @@ class SqueezedCache(Cache):
         """
         layer = self.corpus.layers[layer_idx]
         if self.spec.dense and self.dense_backend == "flash":
-            d, elt = layer.head_dim, layer.keys.element_size()
-            nbytes = query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt
-            self._count(nbytes, nbytes)
+            self._count(layer, query.shape[0])
             out_f, lse_f = flash_fixed_attention(query, layer.keys, layer.values, scale)
             out_d, lse_d = self._new_token_attention(query, key, value, scale)
             return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
@@ -253,8 +246,8 @@ class SqueezedCache(Cache):
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         elt = layer.keys.element_size()
         d = layer.head_dim
-        self._count(sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec),
-                    q_sel.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt)
+        self._count(layer, q_sel.shape[0],
+                    sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec))
         out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
         if split:
@@ -273,8 +266,7 @@ class SqueezedCache(Cache):
 
         pos, total, tokens, cents = select_positions(layer, query, self.spec, scale)
         elt, d = layer.keys.element_size(), layer.head_dim
-        self._count(tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec),
-                    query.shape[0] * layer.num_kv_heads * layer.num_tokens * 2 * d * elt)
+        self._count(layer, query.shape[0], tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec))
         out_f, lse_f = sparse_attention_positions(query, layer.keys, layer.values, pos, total, scale)
         out_d, lse_d = self._new_token_attention(query, key, value, scale)
         return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]

@@ -84,15 +84,16 @@ def centroid_bytes(layer: LayerKV, spec: SelectionSpec) -> int:
     return layer.head_dim * layer.fine_centroids.element_size() + spread
 
 
-def estimate_args(layer: LayerKV, grouped: torch.Tensor, spec: SelectionSpec, scale: float,
-                  logz_fn=always_logz_ref) -> dict:
-    """The lookup's optional estimate terms for ``spec``: cluster spreads and the always-attended keys'
-    exact log-normaliser of the grouped queries [B, Hk, Q, D] (``logz_fn``: ``always_logz_ref`` or the
-    Triton ``always_logz``)."""
+def estimate_args(layer: LayerKV, grouped: torch.Tensor, scale: float, variance_term: bool,
+                  always_in_normaliser: bool, logz_fn=always_logz_ref) -> dict:
+    """The lookup's optional estimate terms (keyword arguments of ``centroid_lookup``): the cluster spreads
+    (when the layer has them) and the always-attended keys' exact log-normaliser of the grouped queries
+    [B, Hk, Q, D]. ``logz_fn(grouped, keys, sink_tokens, window_tokens, scale)``: ``always_logz_ref``, the
+    Triton ``always_logz``, or calibration's causal version for the window's own queries."""
     out = {}
-    if spec.variance_term and layer.fine_spread is not None:
+    if variance_term and layer.fine_spread is not None:
         out["fine_spread"], out["coarse_spread"] = layer.fine_spread, layer.coarse_spread
-    if spec.always_in_normaliser:
+    if always_in_normaliser:
         out["fixed_logz"] = logz_fn(grouped, layer.keys, layer.sink_tokens, layer.window_tokens, scale)
     return out
 
@@ -121,7 +122,8 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
         layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
         spec.hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
-        window_tokens=layer.window_tokens, **estimate_args(layer, grouped, spec, scale, always_logz))
+        window_tokens=layer.window_tokens,
+        **estimate_args(layer, grouped, scale, spec.variance_term, spec.always_in_normaliser, always_logz))
     return pos, total, total.sum(), read.sum()
 
 
@@ -140,7 +142,8 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
     keep_mask, read = ops.centroid_lookup(
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
         layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical,
-        **estimate_args(layer, grouped, spec, scale, getattr(ops, "always_logz", always_logz_ref)))
+        **estimate_args(layer, grouped, scale, spec.variance_term, spec.always_in_normaliser,
+                        getattr(ops, "always_logz", always_logz_ref)))
     starts, ends, counts = ops.ranges_from_mask(keep_mask, layer.fine_offsets, n, layer.sink_tokens,
                                                 layer.window_tokens)
     # Kept as device tensors: no host sync per layer and step (the budget is read once, at the end).
