@@ -240,6 +240,20 @@ def midpoint_threshold(probs: torch.Tensor, frac: float, min_gap: float = 1e-3) 
     return torch.tensor(out, dtype=torch.float32, device=probs.device)
 
 
+def threshold_selection(q, fc, fs, ccent, cs, co, scale, hier, terms=None, coarse_frac=0.5, fine_frac=0.6,
+                        min_gap=1e-3):
+    """Thresholds halfway between neighbouring reference probabilities (so rounding cannot flip a decision):
+    ((fine_thr, coarse_thr, None, None), reference fine probabilities, reference coarse ones or None)."""
+    hk = fc.shape[0]
+    cprobs = cthr = coarse_keep = None
+    if hier:
+        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale, terms=terms)
+        cthr = midpoint_threshold(cprobs, coarse_frac, min_gap)
+        coarse_keep = cprobs >= cthr.view(1, hk, 1)
+    fprobs, _ = _ref_probs(q, fc, fs, ccent if hier else None, cs, co, scale, coarse_keep=coarse_keep, terms=terms)
+    return (midpoint_threshold(fprobs, fine_frac, min_gap), cthr, None, None), fprobs, cprobs
+
+
 def make_lookup_case(b, hk, nq, d, n, cc, dt, seed, cent_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     sink, window = 2, 5
@@ -268,15 +282,8 @@ def test_lookup_threshold_matches_ref(b, hk, nq, d, n, cc, dt, cdt, hier):
     (q, fc, fs, ccent, cs, co, _, _), _ = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=b * 31 + nq + d + cc,
                                                            cent_dtype=DTYPES[cdt])
     scale = d ** -0.5
-    if hier:
-        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale)
-        cthr = midpoint_threshold(cprobs, 0.5)
-        fprobs, _ = _ref_probs(q, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1))
-    else:
-        cthr = None
-        fprobs, _ = _ref_probs(q, fc, fs, None, None, None, scale)
-    thr = midpoint_threshold(fprobs, 0.6)
-    args = (q, fc, fs, ccent, cs, co, thr, cthr, None, None, scale, hier)
+    sel, fprobs, cprobs = threshold_selection(q, fc, fs, ccent, cs, co, scale, hier)
+    args = (q, fc, fs, ccent, cs, co, *sel, scale, hier)
     keep, read = centroid_lookup(*args)
     rkeep, rread = ref.centroid_lookup_ref(*args)
     assert keep.dtype == torch.bool and read.dtype == torch.int64
@@ -335,15 +342,7 @@ def test_lookup_estimate_terms_match_ref(b, hk, nq, d, n, cc, dt, cdt, hier, mod
     terms = (fsp, csp, fixed)
     kw = dict(fine_spread=fsp, coarse_spread=csp, fixed_logz=fixed)
     if mode == "threshold":
-        if hier:
-            _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale, terms=terms)
-            cthr = midpoint_threshold(cprobs, 0.5)
-            fprobs, _ = _ref_probs(q, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1),
-                                   terms=terms)
-        else:
-            cthr = None
-            fprobs, _ = _ref_probs(q, fc, fs, None, None, None, scale, terms=terms)
-        sel = (midpoint_threshold(fprobs, 0.6), cthr, None, None)
+        sel, fprobs, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, hier, terms=terms)
     else:
         total = fs.sum(1).float().expand(b, hk)
         sel = (None, None, 0.2 * total, 0.6 * total)
@@ -546,11 +545,8 @@ def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt, terms):
     t = estimate_terms(q, fc, ccent, torch.Generator().manual_seed(nq)) if terms else None
     kw = dict(zip(("fine_spread", "coarse_spread", "fixed_logz"), t)) if terms else {}
     if mode == "threshold":
-        _, cprobs = _ref_probs(q, fc, fs, ccent, cs, co, scale, terms=t)
-        cthr = midpoint_threshold(cprobs, 0.7, min_gap=1e-4) if hier else None
-        ck = cprobs >= cthr.view(1, hk, 1) if hier else None
-        fprobs, _ = _ref_probs(q, fc, fs, ccent if hier else None, cs, co, scale, coarse_keep=ck, terms=t)
-        sel = (midpoint_threshold(fprobs, 0.9, min_gap=1e-4), cthr, None, None)
+        sel, _, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, hier, terms=t, coarse_frac=0.7,
+                                        fine_frac=0.9, min_gap=1e-4)
     else:
         total = fs.sum(1).float().expand(b, hk)
         sel = (None, None, 0.1 * total, 0.3 * total)
