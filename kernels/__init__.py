@@ -1,11 +1,14 @@
 """Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references.
 
-The Triton modules (``lookup``, ``sparse_attention``, ``merge``) are imported lazily through ``get_ops`` so that
-importing this package never imports Triton (``TRITON_INTERPRET`` must be set before kernels are defined).
+The Triton modules (``lookup`` with ``lookup_kernels``, ``always_logz``, ``budget``, ``sparse_attention``, ``merge``)
+are imported lazily through ``get_ops``, so importing this package defines no Triton kernel
+(``TRITON_INTERPRET`` must be set before kernels are defined).
 """
 
 from .dispatch import get_ops
 from .reference import (
+    always_logz_ref,
+    budget_mask_ref,
     causal_attention_ref,
     centroid_lookup_ref,
     group_queries_ref,
@@ -15,6 +18,8 @@ from .reference import (
 )
 
 __all__ = [
+    "always_logz_ref",
+    "budget_mask_ref",
     "causal_attention_ref",
     "get_ops",
     "centroid_lookup_ref",
