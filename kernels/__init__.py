@@ -1,7 +1,7 @@
 """Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references.
 
-The Triton modules (``lookup`` with ``lookup_kernels``, ``always_logz``, ``budget``, ``sparse_attention``, ``merge``)
-are imported lazily through ``get_ops``, so importing this package defines no Triton kernel
+The Triton modules (``lookup`` with ``lookup_kernels``, ``always_logz``, ``budget``, ``sparse_attention``,
+``fused_attention``, ``merge``) are imported lazily through ``get_ops``, so importing this package defines no Triton kernel
 (``TRITON_INTERPRET`` must be set before kernels are defined).
 """
 
@@ -14,7 +14,9 @@ from .reference import (
     group_queries_ref,
     lse_merge_ref,
     ranges_from_mask_ref,
+    slotted_causal_attention_ref,
     sparse_attention_ref,
+    sparse_attention_with_new_tokens_ref,
 )
 
 __all__ = [
@@ -26,5 +28,7 @@ __all__ = [
     "group_queries_ref",
     "lse_merge_ref",
     "ranges_from_mask_ref",
+    "slotted_causal_attention_ref",
     "sparse_attention_ref",
+    "sparse_attention_with_new_tokens_ref",
 ]

@@ -22,14 +22,19 @@ __all__ = ["budget_mask"]
 
 
 @triton.jit
-def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh,
-                   HK, NC, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the bisection."""
+def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh,
+                   s_eb, s_eh, HK, NC, sink_len, window_len, ITERS: tl.constexpr, BLOCK: tl.constexpr,
+                   HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr):
+    """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the bisection.
+    Without HAS_ALLOWED every cluster is allowed; with WRITE_SEGLEN it also writes the kept segment lengths
+    SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len)."""
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
     c = tl.arange(0, BLOCK)
-    ok = (c < NC) & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
+    ok = c < NC
+    if HAS_ALLOWED:
+        ok = ok & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
     p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
     sz = tl.where(ok, tl.load(SIZES + h * s_sh + c, mask=ok, other=0).to(tl.float32), 0.0)
     lp = tl.where(ok, tl.log(tl.maximum(p, 1e-30)), float("-inf"))  # (1e-38 would be typed fp64 by Triton)
@@ -45,32 +50,50 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, s_pb, s_ph, s_sh, s_ab, s_ah
         lo = tl.where(take, mid, lo).to(tl.float32)
         hi = tl.where(take, hi, mid).to(tl.float32)
     lo = tl.where(target > 0, lo, float("inf")).to(tl.float32)  # a target of 0 keeps nothing
-    tl.store(KEEP + b * s_kb + h * s_kh + c, (ok & (lp >= lo)).to(tl.uint8), mask=c < NC)
+    keep = ok & (lp >= lo)
+    tl.store(KEEP + b * s_kb + h * s_kh + c, keep.to(tl.uint8), mask=c < NC)
+    if WRITE_SEGLEN:
+        e_base = SEGLEN + b * s_eb + h * s_eh
+        tl.store(e_base + 1 + c, tl.where(keep, sz, 0.0).to(tl.int32), mask=c < NC)
+        tl.store(e_base + tl.arange(0, 1), tl.full([1], 0, tl.int32) + sink_len)
+        tl.store(e_base + NC + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int32) + window_len)
 
 
 MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
 
 
-def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor,
-                iters: int = 32) -> torch.Tensor:
+def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor | None, target: torch.Tensor,
+                iters: int = 32, *, seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0) -> torch.Tensor:
     """Keep clusters in descending per-key probability until ``target`` keys are kept.
 
-    probs [B, Hk, C] float32 (>= 0), sizes [Hk, C] int64, allowed [B, Hk, C] bool, target [B, Hk] keys.
-    Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the target needs them, as
-    in the reference (it ranks them last)."""
+    probs [B, Hk, C] float32 (>= 0), sizes [Hk, C] int64, allowed [B, Hk, C] bool or uint8 (None: all),
+    target [B, Hk] keys. Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the
+    target needs them, as in the reference (it ranks them last). ``seglen`` [B, Hk, C + 2] int32: also write
+    the kept segment lengths there (``sink``, kept cluster sizes, ``window``), as the lookup's positions need."""
     b, hk, c = probs.shape
     if c > MAX_CLUSTERS:
         from .reference import budget_mask_ref
 
-        return budget_mask_ref(probs, sizes, allowed, target)
+        if allowed is None:
+            allowed = torch.ones(b, hk, c, dtype=torch.bool, device=probs.device)
+        keep = budget_mask_ref(probs, sizes, allowed.bool(), target)
+        if seglen is not None:
+            seglen[..., 1:-1] = torch.where(keep, sizes.unsqueeze(0), 0)
+            seglen[..., 0], seglen[..., -1] = sink, window
+        return keep
     probs = probs.float().contiguous()
-    allowed_u8 = allowed.to(torch.uint8).contiguous()
+    if allowed is not None:
+        allowed = (allowed.view(torch.uint8) if allowed.dtype == torch.bool else allowed.to(torch.uint8)).contiguous()
+    alw = allowed if allowed is not None else probs
+    seg = seglen if seglen is not None else probs
     target = target.float().contiguous()
     keep = torch.empty(b, hk, c, dtype=torch.uint8, device=probs.device)
     block = triton.next_power_of_2(max(c, 16))
     _budget_kernel[(b * hk,)](
-        probs, sizes, allowed_u8, target, keep, probs.stride(0), probs.stride(1), sizes.stride(0),
-        allowed_u8.stride(0), allowed_u8.stride(1), target.stride(0), target.stride(1), keep.stride(0),
-        keep.stride(1), hk, c, ITERS=iters, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+        probs, sizes, alw, target, keep, seg, probs.stride(0), probs.stride(1), sizes.stride(0),
+        alw.stride(0), alw.stride(1), target.stride(0), target.stride(1), keep.stride(0),
+        keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window, ITERS=iters, BLOCK=block,
+        HAS_ALLOWED=allowed is not None, WRITE_SEGLEN=seglen is not None,
+        num_warps=min(16, max(4, block // 512)),
     )
     return keep.view(torch.bool)

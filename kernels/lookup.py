@@ -89,25 +89,36 @@ class _Level:
     def _spread(self, dummy):
         return self.spread if self.spread is not None else dummy
 
-    def lse(self, keepc=None, dropped=False):
+    def lse(self, keepc=None, dropped=False, always=None):
         """Partial log-normalisers [B, Hk, NB, Q]; the allowed mask [B, Hk, C] uint8 (fine level grouped by
-        parent) and the logits scratch [B, Hk, Q, C] (few queries; entries of unselected clusters unwritten)."""
+        parent) and the logits scratch [B, Hk, Q, C] (few queries; entries of unselected clusters unwritten).
+        ``always`` = (keys [Hk, N, D], sink, window): one more partial row, NB + 1 in all, holds the exact
+        log-normaliser of the always-attended keys (``always_logz_ref``), computed by extra programs of the
+        same launch (block-grouped level only)."""
         q, cent, dev = self.q, self.cent, self.q.device
-        part = torch.empty(self.b, self.hk, self.nb, self.nq, dtype=torch.float32, device=dev)
+        if always is not None and self.coff is not None:
+            raise ValueError("the always-attended row is computed at a block-grouped (coarse or flat) level")
+        nb = self.nb + (always is not None)
+        part = torch.empty(self.b, self.hk, nb, self.nq, dtype=torch.float32, device=dev)
         by_parent = self.coff is not None
         allowed = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if by_parent else part
         store = self.rowwise and not dropped
         logits = torch.empty(self.b, self.hk, self.nq, self.nc, dtype=torch.float32, device=dev) if store else part
         common, keepc, coff = self._common(keepc if keepc is not None else part)
         spread = self._spread(self.sizes)
-        _lse_kernel[self.grid](
-            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread,
+        keys, sink, window = always if always is not None else (cent, 0, 0)
+        keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+        n = keys.shape[1]
+        sink = min(sink, n)
+        window = min(window, n - sink)
+        _lse_kernel[(nb,) + self.grid[1:]](
+            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread, keys,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            spread.stride(0), self.hk, self.nq, self.nc, self.ncc, self.q_per, self.scale,
-            0.5 * self.scale * self.scale,
-            DROPPED=dropped, STORE_LOGITS=store, **common,
+            spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
+            self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
+            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common,
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 
@@ -178,11 +189,20 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
-         fine_spread=None, coarse_spread=None, fixed_logz=None):
+         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
-    length of every segment (sinks, fine clusters, window) there."""
+    length of every segment (sinks, fine clusters, window) there. ``always_keys`` = (keys, sink, window)
+    stands for ``fixed_logz = always_logz(q, keys, sink, window, scale)``, computed inside the first level's
+    normaliser launch (coarse, or fine when flat) by extra programs."""
     _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision)
+    if always_keys is not None and fixed_logz is not None:
+        raise ValueError("give at most one of fixed_logz and always_keys")
+    first = coarse_centroids if hierarchical else fine_centroids
+    if always_keys is not None and always_keys[0].dtype != first.dtype:
+        from .always_logz import always_logz  # the launch scores keys as centroids: same dtype needed
+
+        fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
     thr = fine_threshold.float().contiguous() if fine_threshold is not None else None
@@ -190,30 +210,31 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     seg = dict(seglen=seglen, sink=sink, window=window, fixed=fixed_logz)
     if not hierarchical:
         fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread)
-        part, _, logits = fine.lse()
+        part, _, logits = fine.lse(always=always_keys)  # with always_keys: the extra row is in the normaliser
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
         coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision, spread=coarse_spread)
         fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets, spread=fine_spread)
-        part_c, _, logits_c = coarse.lse()
+        part_c, _, logits_c = coarse.lse(always=always_keys)
+        cfixed = fixed_logz
+        if always_keys is not None:  # the last partial row: in the coarse normaliser already, and the fine one's
+            seg["fixed"], cfixed = part_c[:, :, -1], None
         if thr is not None:
             cthr = coarse_threshold.float().contiguous()
-            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True, fixed=fixed_logz)
+            coarse_probs, keep_c, dpart = coarse.probs([part_c], thr=cthr, write_dropped=True, fixed=cfixed)
         else:
-            coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c, fixed=fixed_logz)
-            allowed_c = torch.ones(b, hk, coarse.nc, dtype=torch.bool, device=q.device)
-            keep_c = budget_mask(coarse_probs, coarse_sizes, allowed_c, coarse_budget).to(torch.uint8)
+            coarse_probs, _, _ = coarse.probs([part_c], logits=logits_c, fixed=cfixed)
+            keep_c = budget_mask(coarse_probs, coarse_sizes, None, coarse_budget).view(torch.uint8)
             dpart = None
         if dpart is None:  # the dropped coarse clusters' terms of the denominator, in a separate pass
             dpart, _, _ = coarse.lse(keepc=keep_c, dropped=True)
         part_f, allowed, logits = fine.lse(keepc=keep_c)
         probs, keep, _ = fine.probs([part_f, dpart], keepc=keep_c, allowed=allowed, thr=thr, logits=logits, **seg)
     if thr is None:
-        allowed_b = allowed.view(torch.bool) if allowed is not None else torch.ones_like(probs, dtype=torch.bool)
-        keep = budget_mask(probs, fine_sizes, allowed_b, budget)
+        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window)
     else:
         keep = keep.view(torch.bool)
-    if seglen is not None and (thr is None or fine.nqc > 1):
+    if seglen is not None and thr is not None and fine.nqc > 1:
         seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
         seglen[..., 0], seglen[..., -1] = sink, window
     return keep, allowed, probs, coarse_probs
@@ -310,12 +331,19 @@ def centroid_lookup_positions(
     coarse_spread: torch.Tensor | None = None,
     fixed_logz: torch.Tensor | None = None,
     precision: str = "ieee",
+    counter: tuple | None = None,
+    always_keys: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
 
     Extra args: fine_offsets [Hk, Cf + 1] int64, or seg_lows [Hk, Cf + 2] int32 from
-    ``sparse_attention.segment_lows`` (compute it once per layer); num_tokens N; sink_tokens; window_tokens.
+    ``sparse_attention.segment_lows`` (compute it once per layer); num_tokens N; sink_tokens; window_tokens;
+    counter: ``(acc, token_bytes, centroid_bytes, dense_bytes)`` to add the bytes read and the dense bytes
+    to an int64 [2] accumulator on the device (``sparse_attention.kept_positions``); always_keys:
+    ``(keys [Hk, N, D], sink_tokens, window_tokens)`` instead of ``fixed_logz``: the same exact
+    log-normaliser of the always-attended keys, computed by extra programs of the coarse level's first
+    launch (one launch less than ``always_logz`` + lookup).
     Returns:
         keep [B, Hk, Cf] bool, centroids_read [B, Hk] int64, pos [B, Hk, N] int32, total [B, Hk] int32.
     """
@@ -328,9 +356,11 @@ def centroid_lookup_positions(
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
-                               fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz)
-    pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed,
-                                      num_coarse=coarse_centroids.shape[1])
+                               fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
+                               always_keys=always_keys)
+    scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
+    pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
+                                      counter=counter)
     if read is None:
         read = _read(None, b, hk, fine_centroids.shape[1], 0, q.device)
     return keep, read, pos, total

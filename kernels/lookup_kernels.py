@@ -107,21 +107,58 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 
 
 @triton.jit
+def _always_part(Q, K, PART, s_qm, s_kh, s_kn, s_pk, q_base, part_base, h, pid_c, q_lo, q_hi, N, SINK, WINDOW,
+                 scale, offs_d, d_ok, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr,
+                 NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial row pid_c = log sum_k exp(s q.k) over the always-attended keys (sinks, then the window's sorted
+    positions) of head h, for the queries q_lo .. q_hi: ``always_logz_ref`` as one more partial."""
+    offs_kb = tl.arange(0, BLOCK_C)
+    offs_qb = tl.arange(0, BLOCK_Q)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        offs_q = q0 + offs_qb
+        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        s = tl.full([BLOCK_Q], 0.0, tl.float32)
+        for k0 in range(0, SINK + WINDOW, BLOCK_C):
+            i = k0 + offs_kb
+            k_ok = i < SINK + WINDOW
+            pos = tl.where(i < SINK, i, N - WINDOW + (i - SINK)).to(tl.int64)
+            kv = _load_cent(K + h * s_kh, s_kn, pos, k_ok, offs_d, d_ok, NATIVE)
+            t = tl.where(k_ok[None, :], _scores(qv, kv, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION),
+                         float("-inf"))
+            m_new = tl.maximum(m, _max(t, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(part_base + pid_c * s_pk + offs_q, m_safe + tl.log(s), mask=offs_q < q_hi)
+
+
+@triton.jit
 def _lse_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
-    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2,
+    s_akh, s_akn,
+    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2, NB, N, SINK, WINDOW,
     BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
     GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
     STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
+    ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
 ):
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
+    if ALWAYS:  # the extra program: its clusters are past NC (nothing to score) and it skips the store below
+        if pid_c == NB:
+            q_lo = pid_q * Q_PER_PROG
+            _always_part(Q, K, PART, s_qm, s_akh, s_akn, s_pk, Q + b * s_qb + h * s_qh, PART + b * s_pb + h * s_ph,
+                         h, pid_c, q_lo, tl.minimum(q_lo + Q_PER_PROG, NQ), N, SINK, WINDOW, scale,
+                         tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < HEAD_DIM, BLOCK_Q, BLOCK_C, ROWWISE,
+                         NATIVE, PRECISION)
     if BY_PARENT:
         g_lo = pid_c * GROUP
         g_hi = tl.minimum(g_lo + GROUP, NCC)
@@ -171,7 +208,8 @@ def _lse_kernel(
                     s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
                     m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s), mask=q_ok)
+        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s),
+                 mask=q_ok & (offs_q * 0 + pid_c < NB))
 
 
 @triton.jit

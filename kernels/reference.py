@@ -19,7 +19,9 @@ __all__ = [
     "sparse_attention_ref",
     "ranges_to_index_ref",
     "causal_attention_ref",
+    "slotted_causal_attention_ref",
     "lse_merge_ref",
+    "sparse_attention_with_new_tokens_ref",
 ]
 
 NEG_INF = float("-inf")
@@ -307,3 +309,58 @@ def lse_merge_ref(
     wa = torch.exp(lse_a - safe).unsqueeze(-1)
     wb = torch.exp(lse_b - safe).unsqueeze(-1)
     return wa * out_a + wb * out_b, lse
+
+
+def slotted_causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new-token queries over a buffer of new-token keys, causally by slot.
+
+    query [B, Hq, T, D]; key/value [B, Hk, C, D]; slots [T] int64: query t sees buffer entries 0 .. slots[t]
+    (a static buffer of capacity C, or a growing cache's M entries with slots M - T .. M - 1, which is
+    ``causal_attention_ref``). Returns out [B, Hq, T, D] and lse [B, Hq, T], float32."""
+    b, hq, t, d = query.shape
+    hk, c = key.shape[1], key.shape[2]
+    q = query.float().reshape(b, hk, (hq // hk) * t, d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hk, G*T, C]
+    seen = torch.arange(c, device=query.device).view(1, c) <= slots.view(t, 1)  # [T, C]
+    logits = logits.masked_fill(~seen.repeat(hq // hk, 1).view(1, 1, (hq // hk) * t, c), NEG_INF)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), value.float())
+    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def sparse_attention_with_new_tokens_ref(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    total: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new tokens over the kept fixed-context keys plus, causally by slot, the new tokens.
+
+    Args:
+        q: [B, Hq, T, D]; keys, values: [Hk, N, D] sorted order; pos: [B, Hk, >= max total] sorted kept
+            positions, total: [B, Hk] kept keys per head (entries of pos past total are ignored);
+        new_keys, new_values: [B, Hk, C, D]; slots: [T], query t sees new entries 0 .. slots[t].
+    Returns:
+        out [B, Hq, T, D] float32, lse [B, Hq, T] float32 (log-sum-exp over both parts).
+    """
+    b, hq, t, d = q.shape
+    hk = keys.shape[0]
+    g = hq // hk
+    out_f = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
+    lse_f = torch.full((b, hq, t), NEG_INF, dtype=torch.float32, device=q.device)
+    for bi in range(b):
+        for h in range(hk):
+            idx = pos[bi, h, :int(total[bi, h])].long()
+            if idx.numel() == 0:
+                continue
+            s = torch.matmul(q[bi, h * g:(h + 1) * g].float(), keys[h, idx].float().t()) * scale  # [G, T, M]
+            lse_f[bi, h * g:(h + 1) * g] = torch.logsumexp(s, dim=-1)
+            out_f[bi, h * g:(h + 1) * g] = torch.matmul(torch.softmax(s, dim=-1), values[h, idx].float())
+    out_n, lse_n = slotted_causal_attention_ref(q, new_keys, new_values, slots, scale)
+    return lse_merge_ref(out_f, lse_f, out_n, lse_n)

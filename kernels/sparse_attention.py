@@ -184,14 +184,17 @@ def _sparse_attn_kernel(
 
 @triton.jit
 def _positions_kernel(
-    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ,
+    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT,
     s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah,
-    HK, R, NA, NCC,
-    HAS_READ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HK, R, NA, NCC, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
+    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
     with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
-    and sums the lengths before them itself (no second pass)."""
+    and sums the lengths before them itself (no second pass). With HAS_COUNT, the last block of each (b, h)
+    adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC without HAS_READ) * CENT_BYTES to COUNT[0] and
+    DENSE_BYTES to COUNT[1] (int64 atomics: exact and order-free)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -214,13 +217,19 @@ def _positions_kernel(
         kk = k0 + offs_k
         tl.store(p_base + excl[:, None] + kk[None, :], lo[:, None] + kk[None, :], mask=kk[None, :] < ln[:, None])
     if start + BLOCK_S >= R:  # last block
-        tl.store(TOTAL + pid_bh + tl.arange(0, 1), prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32))
+        kept = prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32)
+        tl.store(TOTAL + pid_bh + tl.arange(0, 1), kept)
+        cents = tl.full([1], 0, tl.int64) + NCC
         if HAS_READ:
             n = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
             for k0 in range(0, NA, BLOCK_P):
                 kk = k0 + offs_p
                 n += _sum(tl.load(ALLOWED + b * s_ab + h * s_ah + kk, mask=kk < NA, other=0).to(tl.int32), axis=0)
-            tl.store(READ + pid_bh + tl.arange(0, 1), (n + NCC).to(tl.int64) + tl.full([1], 0, tl.int64))
+            cents += n.to(tl.int64)
+            tl.store(READ + pid_bh + tl.arange(0, 1), cents)
+        if HAS_COUNT:
+            tl.atomic_add(COUNT + tl.arange(0, 1), kept.to(tl.int64) * TOKEN_BYTES + cents * CENT_BYTES)
+            tl.atomic_add(COUNT + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int64) + DENSE_BYTES)
 
 
 @triton.jit
@@ -319,8 +328,10 @@ def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> to
     return pos
 
 
-def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None):
-    """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``."""
+def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):
+    """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``. With
+    ``reduce=False`` it returns the split-K partials instead: out [B, Hk, S, G*T, D] and lse [B, Hk, S, G*T]
+    (normalised per split; S may be 1), for an epilogue that merges them itself."""
     b, hq, t, d = q.shape
     hk, n, _ = keys.shape
     if hq % hk:
@@ -358,6 +369,8 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if not reduce:
+        return part_o, part_l
     if splits > 1:
         out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
         block_s = min(triton.next_power_of_2(splits), 128)
@@ -417,7 +430,7 @@ def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int
 
 
 def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int, allowed: torch.Tensor | None = None,
-                   num_coarse: int = 0):
+                   num_coarse: int = 0, counter: tuple | None = None):
     """Kept segment lengths -> sorted position of every kept key, without a host sync.
 
     Args:
@@ -425,6 +438,10 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         seg_lows: [Hk, R] or [B or 1, Hk, R] int32 first sorted position of each segment (``segment_lows``).
         num_tokens: N, the bound on kept keys per head.
         allowed: optional [B, Hk, Cf] uint8 fine clusters scored by the lookup, to count centroids read.
+        num_coarse: centroids scored per head besides the allowed fine ones (all of them without ``allowed``).
+        counter: optional ``(acc, token_bytes, centroid_bytes, dense_bytes)``: add, for every (b, h), the
+            bytes read (kept keys * token_bytes + centroids scored * centroid_bytes) to ``acc[0]`` and
+            ``dense_bytes`` to ``acc[1]`` (acc: int64 [2] on the device; the KV-budget accumulator).
     Returns:
         pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head, and
         read [B, Hk] int64 = num_coarse + allowed fine clusters (None without ``allowed``).
@@ -436,14 +453,17 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
     total = torch.empty(b, hk, dtype=torch.int32, device=dev)
     read = torch.empty(b, hk, dtype=torch.int64, device=dev) if allowed is not None else total
     alw = allowed if allowed is not None else seglen
+    acc, token_bytes, cent_bytes, dense_bytes = counter if counter is not None else (total, 0, 0, 0)
+    if counter is not None and (acc.dtype != torch.int64 or acc.numel() < 2):
+        raise ValueError(f"counter[0] must be an int64 tensor of 2 entries; got {acc.dtype} {tuple(acc.shape)}")
     block_s = 64 if _interpret() else 256
     _positions_kernel[(triton.cdiv(r, block_s), b * hk)](
-        seglen, lows, pos, total, alw, read,
+        seglen, lows, pos, total, alw, read, acc,
         seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
         pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1),
-        hk, r, alw.shape[-1], num_coarse,
-        HAS_READ=allowed is not None, BLOCK_S=block_s, BLOCK_P=min(triton.next_power_of_2(r), 8192),
-        BLOCK_K=16, num_warps=4,
+        hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
+        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, BLOCK_S=block_s,
+        BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16, num_warps=4,
     )
     return pos, total, (read if allowed is not None else None)
 

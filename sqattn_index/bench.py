@@ -173,13 +173,12 @@ def synthetic_layer(hk: int, n: int, d: int, dtype, device, cfg: BenchConfig, se
 
 
 def estimate_kwargs(layer: Layer, qg: torch.Tensor, scale: float, estimate: str) -> dict:
-    """The lookup's estimate terms as the engine computes them per step (``selection.estimate_args``)."""
+    """The lookup's estimate terms as the engine passes them per step (``selection.select_positions``): the
+    spreads, and the always-attended keys whose exact normaliser the coarse launch computes."""
     if estimate == "plain":
         return {}
-    from .kernels.always_logz import always_logz
-
     return dict(fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
-                fixed_logz=always_logz(qg, layer.keys, layer.sink, layer.window, scale))
+                always_keys=(layer.keys, layer.sink, layer.window))
 
 
 def make_queries(layer: Layer, hq: int, t: int, seed: int) -> torch.Tensor:

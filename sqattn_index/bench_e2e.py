@@ -192,6 +192,39 @@ def profile_decode(local, corpus, n, question, keep, log) -> None:
     log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
+@torch.inference_mode()
+def profile_graph_decode(local, corpus, n, question, keep, log) -> None:
+    """torch.profiler over 4 replays of the captured decode step, dense (FlashAttention) and squeezed: the
+    kernels of one token, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .graph_decode import GraphDecodeStep
+
+    q = question.to(local.device)
+    for label in ("dense", "squeezed"):
+        spec = SelectionSpec(keep=1.0 if label == "dense" else keep, mode=SELECTION)
+        cache = SqueezedCache(corpus, spec, get_ops("triton"), capacity=len(q) + 8)
+        if label == "dense":
+            cache.dense_backend = "flash"
+        cache.set_slots(0, len(q))
+        with active_cache(cache):
+            local.model(input_ids=q.view(1, -1), position_ids=torch.arange(n, n + len(q), device=q.device)[None],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step = GraphDecodeStep(local.model, cache, n)
+        step(int(q[-1]), len(q))  # capture
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(4):
+                step(int(q[-1]), len(q) + 1 + i)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+        total_us = sum(e.self_device_time_total for e in events) / 4
+        launches = sum(e.count for e in events) / 4
+        log(f"  graph replay profile, {label}: {launches:.0f} kernels and {total_us / 1e3:.3f} ms of kernel time "
+            f"per token ({total_us / 1e3 / max(len(corpus.layers), 1):.3f} ms per layer)")
+        log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+
+
 def dense_cache(captured):
     from transformers import DynamicCache
 
@@ -241,6 +274,11 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
                          res["squeezed"]["tokens"], rows, log)
         if PROFILE:
             profile_decode(local, corpus, n, question, keep, log)
+            if GRAPHS:
+                try:  # diagnostics only: a profiler quirk must not cost the measured rows
+                    profile_graph_decode(local, corpus, n, question, keep, log)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  graph replay profile failed: {exc!r}")
         for phase, key in (("e2e_ttft", "ttft"), ("e2e_decode", "decode")):
             d, s = res["dense"][key] * 1e3, res["squeezed"][key] * 1e3
             rows.append({"phase": phase, "shape": shape, "context": n, "keep": keep, "layers": layers,

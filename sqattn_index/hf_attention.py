@@ -19,11 +19,11 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .corpus_kv import CorpusKV
-from .kernels.reference import ranges_to_index_ref
+from .kernels.reference import ranges_to_index_ref, slotted_causal_attention_ref
 from .selection import SelectionSpec, centroid_bytes, select_positions, select_ranges
 
 __all__ = ["ATTN_NAME", "install_attention", "SqueezedCache", "QueryCapture", "active_cache", "capturing",
-           "StaticNewTokens", "slotted_causal_attention"]
+           "StaticNewTokens"]
 
 ATTN_NAME = "sqattn"
 _ACTIVE: ContextVar = ContextVar("sqattn_active_cache", default=None)
@@ -114,7 +114,7 @@ class StaticNewTokens(SqueezedLayer):
     """New tokens' K/V in preallocated buffers [B, Hk, capacity, D]: fixed addresses and shapes, so a decode
     step can be captured in a CUDA graph. ``slots`` [T] (int64, on the device, owned by the cache) says where
     the forward's T new tokens go; ``update`` returns the whole buffers (entries past a query's slot are
-    masked by ``slotted_causal_attention``)."""
+    masked by ``slotted_causal_attention_ref`` or the Triton epilogue)."""
 
     def __init__(self, fixed_len: int, capacity: int, cache: "SqueezedCache"):
         super().__init__(fixed_len)
@@ -141,34 +141,18 @@ class StaticNewTokens(SqueezedLayer):
         return self.fixed_len + self._cache.new_tokens
 
 
-def slotted_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of T new-token queries over a static buffer of new-token keys, causally by slot.
-
-    query [B, Hq, T, D]; key/value [B, Hk, C, D] (capacity C); slots [T] int64: query t sees buffer entries
-    0 .. slots[t]. Returns out [B, Hq, T, D] and lse [B, Hq, T], float32 (what ``causal_attention_ref`` returns)."""
-    b, hq, t, d = query.shape
-    hk, c = key.shape[1], key.shape[2]
-    q = query.float().reshape(b, hk, (hq // hk) * t, d)
-    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hk, G*T, C]
-    seen = torch.arange(c, device=query.device).view(1, c) <= slots.view(t, 1)  # [T, C]
-    logits = logits.masked_fill(~seen.repeat(hq // hk, 1).view(1, 1, (hq // hk) * t, c), float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), value.float())
-    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
-
-
 def flash_fixed_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
-    """Dense attention of query [B, Hq, T, D] over the whole fixed context keys/values [Hk, N, D] with its
-    log-sum-exp, through PyTorch's FlashAttention op (CUDA, 16-bit); the dense baseline of the
-    CUDA-graph benchmark; grouped-query heads ride as extra query rows of their KV head. Returns out [B, Hq, T, D] float32 and lse [B, Hq, T] float32."""
+    """Dense attention of query [B, Hq, T, D] over the whole fixed context keys/values [Hk, N, D] through
+    PyTorch's FlashAttention op (CUDA, 16-bit): the dense baseline of the CUDA-graph benchmark. A KV head's G
+    query heads ride as G*T query rows. Returns out [B, Hk, 1, G*T, D] (query dtype) and lse [B, Hk, 1, G*T]
+    float32: one partial for ``fused_attention.merge_with_new_tokens``."""
     b, hq, t, d = query.shape
     hk = keys.shape[0]
     q = query.contiguous().reshape(b, hk, (hq // hk) * t, d)  # a KV head's G query heads as G*T rows
     k = keys.unsqueeze(0).expand(b, *keys.shape)
     v = values.unsqueeze(0).expand(b, *values.shape)
     res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-    return res[0].float().reshape(b, hq, t, d), res[1].float().reshape(b, hq, t)
+    return res[0].unsqueeze(2), res[1].unsqueeze(2)
 
 
 class SqueezedCache(Cache):
@@ -194,7 +178,7 @@ class SqueezedCache(Cache):
         self.slots: torch.Tensor | None = None
         self.new_tokens = 0
         dev = corpus.layers[0].keys.device if corpus.layers else "cpu"
-        self._bytes = torch.zeros(2, dtype=torch.float64, device=dev)  # read, dense: in place (graph-safe)
+        self._bytes = torch.zeros(2, dtype=torch.int64, device=dev)  # read, dense: in place (graph-safe)
         self.collect_mass = False
         self.per_token = False
         self.mass = None
@@ -224,21 +208,24 @@ class SqueezedCache(Cache):
 
     def _new_token_attention(self, query, key, value, scale):
         if self.capacity is not None:
-            return slotted_causal_attention(query, key, value, self.slots, scale)
+            return slotted_causal_attention_ref(query, key, value, self.slots, scale)
         return self.ops.causal_attention(query, key, value, scale)
 
     def attend(self, layer_idx: int, query, key, value, scale) -> torch.Tensor:
-        """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32.
+        """query [B, Hq, T, D]; key/value [B, Hk, M, D] new tokens. Returns [B, Hq, T, D] float32 (the Triton
+        path: the query's dtype).
 
         With ``per_token`` set (and B == 1), each of the T tokens selects its own clusters, exactly as T
         decode steps would; otherwise the T tokens share one selection (scores averaged over them).
         """
         layer = self.corpus.layers[layer_idx]
-        if self.spec.dense and self.dense_backend == "flash":
+        if self.spec.dense and self.dense_backend == "flash":  # the benchmark's dense baseline (CUDA)
+            from .kernels.fused_attention import merge_with_new_tokens
+
             self._count(layer, query.shape[0])
-            out_f, lse_f = flash_fixed_attention(query, layer.keys, layer.values, scale)
-            out_d, lse_d = self._new_token_attention(query, key, value, scale)
-            return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
+            part_o, part_l = flash_fixed_attention(query, layer.keys, layer.values, scale)
+            return merge_with_new_tokens(part_o, part_l, query, key, value, self._slots_for(query, key), scale,
+                                         out=self._output(query))[0]
         split = self.per_token and query.shape[0] == 1 and query.shape[2] > 1 and not self.spec.dense
         if getattr(self.ops, "backend", "torch") == "triton" and not split and not self.collect_mass:
             return self._attend_positions(layer, query, key, value, scale)
@@ -261,15 +248,33 @@ class SqueezedCache(Cache):
         return out
 
     def _attend_positions(self, layer, query, key, value, scale) -> torch.Tensor:
-        """Triton path with no host sync: lookup straight to kept positions, then split-K attention."""
-        from .kernels.sparse_attention import sparse_attention_positions
+        """Triton path with no host sync: lookup straight to kept positions (the positions kernel also adds
+        to the KV budget), then split-K attention whose epilogue merges the new tokens' causal attention
+        and writes the output in the query's dtype, laid out as ``[B, T, Hq, D]`` (returned as a
+        ``[B, Hq, T, D]`` view)."""
+        from .kernels.fused_attention import sparse_attention_with_new_tokens
 
-        pos, total, tokens, cents = select_positions(layer, query, self.spec, scale)
-        elt, d = layer.keys.element_size(), layer.head_dim
-        self._count(layer, query.shape[0], tokens * 2 * d * elt + cents * centroid_bytes(layer, self.spec))
-        out_f, lse_f = sparse_attention_positions(query, layer.keys, layer.values, pos, total, scale)
-        out_d, lse_d = self._new_token_attention(query, key, value, scale)
-        return self.ops.lse_merge(out_f, lse_f, out_d, lse_d)[0]
+        b, hq, t, d = query.shape
+        token_bytes = 2 * d * layer.keys.element_size()
+        counter = (self._bytes, token_bytes, centroid_bytes(layer, self.spec), layer.num_tokens * token_bytes)
+        pos, total = select_positions(layer, query, self.spec, scale, counter=counter)
+        if self.spec.dense:
+            self._count(layer, b)
+        return sparse_attention_with_new_tokens(query, layer.keys, layer.values, pos, total, key, value,
+                                                self._slots_for(query, key), scale, out=self._output(query))[0]
+
+    def _slots_for(self, query, key) -> torch.Tensor:
+        """[T] last buffer entry each new query sees: the static slots, or the tail of a growing cache."""
+        if self.capacity is not None:
+            return self.slots
+        m, t = key.shape[2], query.shape[2]
+        return torch.arange(m - t, m, device=query.device)
+
+    @staticmethod
+    def _output(query) -> torch.Tensor:
+        """[B, Hq, T, D] view of a [B, T, Hq, D] buffer in the query's dtype: what HF's attention returns."""
+        b, hq, t, d = query.shape
+        return torch.empty(b, t, hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
 
     def _add_mass(self, layer, q_sel, sel, lse_sel, scale) -> None:
         """Add each kept key's attention probability to ``mass`` (original order).

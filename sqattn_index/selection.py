@@ -65,17 +65,32 @@ def cluster_token_target(layer: LayerKV, keep: float) -> float:
     return float(min(max(keep * layer.num_tokens - fixed, 0.0), e - s))
 
 
+FLAT_ABOVE = 0.9  # budget mode: coarse budget / clustered keys from which the lookup skips the coarse level
+
+
 def _selection_args(layer: LayerKV, spec: SelectionSpec, b: int):
-    """(fine_threshold, coarse_threshold, budget, coarse_budget) for ``spec``: calibrated thresholds when
-    the keep is on the layer's ladder (threshold mode), else key budgets per (question, KV head)."""
+    """(fine_threshold, coarse_threshold, budget, coarse_budget, hierarchical) for ``spec``: calibrated
+    thresholds when the keep is on the layer's ladder (threshold mode), else key budgets per (question, KV
+    head). A coarse budget that covers every clustered key keeps every coarse cluster, which is exactly the
+    flat lookup (same normaliser, same fine decisions) without the coarse pass; from ``FLAT_ABOVE`` of the
+    clustered keys on, the lookup runs flat too: the coarse level would spare at most a tenth of the fine
+    scoring and costs a pass of its own plus a fine level walked parent by parent (docs/bench/README.md)."""
     dev = layer.keys.device
     idx = _ladder_index(layer, spec.keep) if spec.mode == "threshold" else None
     if idx is not None and layer.thresholds is not None:
-        return layer.thresholds[idx].to(dev), layer.coarse_thresholds[idx].to(dev), None, None
+        return layer.thresholds[idx].to(dev), layer.coarse_thresholds[idx].to(dev), None, None, spec.hierarchical
     s, e = layer.clustered_range
-    budget = torch.full((b, layer.num_kv_heads), cluster_token_target(layer, spec.keep), dtype=torch.float32,
-                        device=dev)
-    return None, None, budget, torch.clamp(budget * spec.coarse_slack, max=float(e - s))
+    target = cluster_token_target(layer, spec.keep)
+    hierarchical = spec.hierarchical and target * spec.coarse_slack < FLAT_ABOVE * (e - s)
+    memo = layer.__dict__.setdefault("_budget_args", {})  # fixed per (layer, spec, B): no launches per step
+    key = (spec, b, dev)
+    if key in memo:
+        return (None, None) + memo[key] + (hierarchical,)
+    budget = torch.full((b, layer.num_kv_heads), target, dtype=torch.float32, device=dev)
+    args = (budget, torch.clamp(budget * spec.coarse_slack, max=float(e - s)))
+    if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # graph-pool memory must not stay
+        memo[key] = args
+    return (None, None) + args + (hierarchical,)
 
 
 def centroid_bytes(layer: LayerKV, spec: SelectionSpec) -> int:
@@ -98,12 +113,13 @@ def estimate_args(layer: LayerKV, grouped: torch.Tensor, scale: float, variance_
     return out
 
 
-def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale: float):
+def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale: float, counter=None):
     """The Triton fast path: kept-key positions with no host sync (CUDA-graph capturable).
 
-    Returns pos [B, Hk, N] int32 (sorted positions, first ``total`` valid), total [B, Hk] int32, and the
-    tokens / centroids read as 0-dim device tensors."""
-    from .kernels.always_logz import always_logz
+    ``counter``: optional ``(acc, token_bytes, centroid_bytes, dense_bytes)`` (``kept_positions``): the
+    positions kernel adds the bytes this selection reads, and the dense bytes, to ``acc`` (int64 [2]).
+    Returns pos [B, Hk, N] int32 (sorted positions, first ``total`` valid) and total [B, Hk] int32; with
+    ``spec.dense`` every position (nothing is counted then)."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.sparse_attention import segment_lows
 
@@ -111,20 +127,22 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
     if spec.dense:
         pos = torch.arange(n, dtype=torch.int32, device=layer.keys.device).expand(b, hk, n)
         total = torch.full((b, hk), n, dtype=torch.int32, device=layer.keys.device)
-        return pos, total, total.sum(), 0
+        return pos, total
     lows = getattr(layer, "_seg_lows", None)
     if lows is None:
         lows = segment_lows(layer.fine_offsets, n, layer.window_tokens)
         layer._seg_lows = lows
-    fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
+    fine_thr, coarse_thr, budget, coarse_budget, hierarchical = _selection_args(layer, spec, b)
     grouped = group_queries_ref(q, hk)
-    _, read, pos, total = centroid_lookup_positions(
+    terms = estimate_args(layer, grouped, scale, spec.variance_term, False)
+    if spec.always_in_normaliser:  # computed inside the lookup's first launch
+        terms["always_keys"] = (layer.keys, layer.sink_tokens, layer.window_tokens)
+    _, _, pos, total = centroid_lookup_positions(
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
         layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
-        spec.hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
-        window_tokens=layer.window_tokens,
-        **estimate_args(layer, grouped, scale, spec.variance_term, spec.always_in_normaliser, always_logz))
-    return pos, total, total.sum(), read.sum()
+        hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
+        window_tokens=layer.window_tokens, counter=counter, **terms)
+    return pos, total
 
 
 def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, scale: float) -> Selection:
@@ -138,10 +156,10 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
         counts = torch.ones(b, hk, dtype=torch.int64, device=dev)
         return Selection(starts, ends, counts, tokens_read=b * hk * n, centroids_read=0)
     grouped = group_queries_ref(q, hk)  # [B, Hk, G*T, D]
-    fine_thr, coarse_thr, budget, coarse_budget = _selection_args(layer, spec, b)
+    fine_thr, coarse_thr, budget, coarse_budget, hierarchical = _selection_args(layer, spec, b)
     keep_mask, read = ops.centroid_lookup(
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-        layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, spec.hierarchical,
+        layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, hierarchical,
         **estimate_args(layer, grouped, scale, spec.variance_term, spec.always_in_normaliser,
                         getattr(ops, "always_logz", always_logz_ref)))
     starts, ends, counts = ops.ranges_from_mask(keep_mask, layer.fine_offsets, n, layer.sink_tokens,

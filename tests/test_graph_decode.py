@@ -7,8 +7,8 @@ import torch
 
 from sqattn_index.config import SqueezeConfig
 from sqattn_index.engine import SqueezedEngine
-from sqattn_index.hf_attention import SqueezedCache, slotted_causal_attention
-from sqattn_index.kernels.reference import causal_attention_ref
+from sqattn_index.hf_attention import SqueezedCache
+from sqattn_index.kernels.reference import causal_attention_ref, slotted_causal_attention_ref
 from sqattn_index.model_loading import load_local_model
 from sqattn_index.selection import SelectionSpec
 
@@ -23,11 +23,11 @@ def test_slotted_attention_equals_causal_attention_on_the_filled_part():
     values = torch.randn(b, hk, cap, d, generator=g)
     q = torch.randn(b, hq, t, d, generator=g)
     filled = 7  # entries 0..6 hold tokens; the T queries are tokens 4, 5, 6
-    out, lse = slotted_causal_attention(q, keys, values, torch.arange(filled - t, filled), 0.25)
+    out, lse = slotted_causal_attention_ref(q, keys, values, torch.arange(filled - t, filled), 0.25)
     rout, rlse = causal_attention_ref(q, keys[:, :, :filled], values[:, :, :filled], 0.25)
     assert torch.allclose(out, rout, atol=1e-5) and torch.allclose(lse, rlse, atol=1e-5)
     keys[:, :, filled:] = 1e4  # garbage past the last slot changes nothing
-    out2, _ = slotted_causal_attention(q, keys, values, torch.arange(filled - t, filled), 0.25)
+    out2, _ = slotted_causal_attention_ref(q, keys, values, torch.arange(filled - t, filled), 0.25)
     assert torch.equal(out, out2)
 
 

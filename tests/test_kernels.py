@@ -405,6 +405,12 @@ def test_budget_mask_matches_ref(b, hk, c, frac, ties):
     kept = (keep * sizes.unsqueeze(0)).sum(-1).float()
     total = (allowed * sizes.unsqueeze(0)).sum(-1).float()
     assert (kept >= torch.minimum(target, total)).all()
+    seglen = torch.full((b, hk, c + 2), -1, dtype=torch.int32, device=DEV)  # the lookup's positions input
+    assert torch.equal(budget_mask(probs, sizes, allowed, target, seglen=seglen, sink=3, window=5), keep)
+    assert torch.equal(seglen[..., 1:-1].long(), torch.where(keep, sizes.unsqueeze(0), 0))
+    assert (seglen[..., 0] == 3).all() and (seglen[..., -1] == 5).all()
+    everything = torch.ones_like(allowed)
+    assert torch.equal(budget_mask(probs, sizes, None, target), budget_mask(probs, sizes, everything, target))
 
 
 def test_always_logz_ref_is_logsumexp_over_sinks_and_window():
@@ -428,9 +434,37 @@ def test_lookup_rejects_both_modes():
 # ----------------------------------------------------------------------------------------------- lookup -> attention
 
 
+@pytest.mark.parametrize("nq", [pytest.param(4, id="decode-Q4"), pytest.param(40, id="prefill-Q40")])
+def test_coarse_budget_covering_everything_is_the_flat_lookup(nq):
+    """The identity ``selection`` uses to skip the coarse level: a coarse budget of every clustered key keeps
+    every coarse cluster, so the decisions are the flat lookup's; and the flat Triton lookup with the
+    always-attended row in its own launch matches the reference given ``always_logz_ref``."""
+    b, hk, d, n = 2, 2, 64, 400
+    (q, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, nq, d, n, 5, "fp32", 21)
+    scale = d ** -0.5
+    total = fs.sum(1).float().expand(b, hk)
+    fixed = ref.always_logz_ref(q, keys, sink, window, scale)
+    hier = ref.centroid_lookup_ref(q, fc, fs, ccent, cs, co, None, None, 0.15 * total, total.clone(), scale, True,
+                                   fixed_logz=fixed)[0]
+    flat_args = (q, fc, fs, ccent, cs, co, None, None, 0.15 * total, None, scale, False)
+    flat, rread = ref.centroid_lookup_ref(*flat_args, fixed_logz=fixed)
+    assert torch.equal(hier, flat)
+    keep, read, pos, tot = centroid_lookup_positions(*flat_args, fine_offsets=fo, num_tokens=n,
+                                                     sink_tokens=sink, window_tokens=window,
+                                                     always_keys=(keys, sink, window))
+    probs, _ = centroid_probs(*flat_args, always_keys=(keys, sink, window))
+    _assert_budget_equal(keep, flat, probs)
+    assert torch.equal(read, rread)
+
+
+
+
+@pytest.mark.parametrize("always", [pytest.param(False, id="plain"), pytest.param(True, id="always-in-kernel")])
 @pytest.mark.parametrize("mode", [pytest.param("threshold", id="threshold"), pytest.param("budget", id="budget")])
 @pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6")])
-def test_lookup_positions_then_attention(mode, g, t):
+def test_lookup_positions_then_attention(mode, g, t, always):
+    """Positions of the kept keys, then attention over them; ``always``: the always-attended keys' normaliser
+    computed inside the coarse launch (``always_keys``) against the reference given ``always_logz_ref``."""
     b, hk, d, n = 2, 2, 64, 360
     (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g * t, d, n, 4, "fp32", 11)
     q = q4.reshape(b, hk * g, t, d)
@@ -445,9 +479,16 @@ def test_lookup_positions_then_attention(mode, g, t):
         total = fs.sum(1).float().expand(b, hk)
         sel = (None, None, 0.2 * total, 0.6 * total)
     args = (q4, fc, fs, ccent, cs, co, *sel, scale, True)
+    kw = dict(always_keys=(keys, sink, window)) if always else {}
+    rkw = dict(fixed_logz=ref.always_logz_ref(q4, keys, sink, window, scale)) if always else {}
     keep, read, pos, total = centroid_lookup_positions(*args, fine_offsets=fo, num_tokens=n, sink_tokens=sink,
-                                                       window_tokens=window)
-    rkeep, rread = ref.centroid_lookup_ref(*args)
+                                                       window_tokens=window, **kw)
+    rkeep, rread = ref.centroid_lookup_ref(*args, **rkw)
+    if always:  # same estimate as with the term given, and not the plain one
+        p_in, c_in = centroid_probs(*args, **kw)
+        p_given, c_given = centroid_probs(*args, **rkw)
+        assert rel_rms(p_in, p_given) < 1e-5 and rel_rms(c_in, c_given) < 1e-5
+        assert rel_rms(centroid_probs(*args)[1], c_in) > 1e-3
     assert torch.equal(keep, rkeep) and torch.equal(read, rread)
     kept = torch.cat([torch.arange(sink), torch.arange(n - window, n)]).to(DEV)
     for bi in range(b):

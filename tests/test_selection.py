@@ -181,3 +181,25 @@ def test_budget_selection_counts_tokens(layer):
     assert target <= sel.tokens_read <= target + hk * lay.fine_sizes.max().item()
     dense = select_ranges(lay, q, SelectionSpec(keep=1.0), OPS, d ** -0.5)
     assert dense.tokens_read == n * hk and dense.centroids_read == 0
+
+
+def test_budget_lookup_goes_flat_when_the_coarse_budget_covers_most_keys(layer):
+    """Coarse budget >= FLAT_ABOVE of the clustered keys: no coarse pass (Cf centroids scored, not Cc + the
+    allowed fine ones); below it the hierarchy prunes. Either way the kept tokens meet the target."""
+    from sqattn_index.selection import FLAT_ABOVE, cluster_token_target
+
+    lay = layer[0]
+    hk, n, d = lay.keys.shape
+    s, e = lay.clustered_range
+    q = torch.randn(1, hk * 2, 1, d, generator=torch.Generator().manual_seed(3))
+    keep = 0.15
+    cover = cluster_token_target(lay, keep) / (e - s)  # coarse budget / clustered keys at slack 1
+    cf, cc = lay.fine_centroids.shape[1], lay.coarse_centroids.shape[1]
+    flat = select_ranges(lay, q, SelectionSpec(keep=keep, mode="budget", coarse_slack=FLAT_ABOVE / cover + 0.01),
+                         OPS, d ** -0.5)
+    assert int(flat.centroids_read) == hk * cf
+    hier = select_ranges(lay, q, SelectionSpec(keep=keep, mode="budget", coarse_slack=0.5 * FLAT_ABOVE / cover),
+                         OPS, d ** -0.5)
+    assert cc * hk < int(hier.centroids_read) < hk * (cc + cf)
+    for sel in (flat, hier):
+        assert int(sel.tokens_read) >= keep * n * hk - hk  # the fine budget is met (or capped by the coarse one)

@@ -1,0 +1,191 @@
+"""The whole attention of new tokens in one pass after the sparse kernel: fixed context plus new tokens.
+
+``sparse_attention_with_new_tokens`` runs the split-K sparse attention over the kept fixed-context keys
+(``sparse_attention._attend``) and then one epilogue kernel per (query row, batch * KV head) that
+
+- merges the split-K partials of the fixed context by log-sum-exp,
+- attends the row's query over the new (question + generated) tokens' keys, causally by slot: the query of
+  token ``t`` sees buffer entries ``0 .. slots[t]`` (a static buffer, as in CUDA-graph decoding, or the tail
+  of a growing cache),
+- and writes the merged output in the caller's dtype and layout (e.g. straight into a ``[B, T, Hq, D]``
+  buffer seen as ``[B, Hq, T, D]``, the layout Hugging Face's attention returns).
+
+This replaces the torch causal attention over the new tokens, the separate log-sum-exp merge, the split
+merge and the dtype/layout copies of a decode step: one launch where there were about a dozen, which is what
+a CUDA-graph decode step of a small batch is bound by. New-token keys are few (the question and the answer
+so far), so the epilogue scores them on CUDA cores, one query row per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_attention import _attend, _max, _sum
+
+__all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
+
+
+@triton.jit
+def _merge_new_tokens_kernel(
+    PO, PL, Q, NK, NV, SLOTS, OUT, LSE,
+    s_pob, s_poh, s_pos, s_pom, s_plb, s_plh, s_pls,
+    s_qb, s_qh, s_qt,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_ob, s_oh, s_ot, s_lb, s_lh, s_lt,
+    HK, G, T, NSPLIT, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (row, b*h): row = g * T + t of KV head h's query group (``group_queries_ref`` order)."""
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    qh = h * G + row // T
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.full([1], float("-inf"), tl.float32)
+    den = tl.full([1], 0.0, tl.float32)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
+    # 1. the fixed context: NSPLIT normalised partials with their log-sum-exps
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        ss = s0 + offs_s
+        s_ok = ss < NSPLIT
+        part_lse = tl.load(PL + b * s_plb + h * s_plh + ss * s_pls + row, mask=s_ok, other=float("-inf"))
+        m_split = tl.maximum(m, _max(part_lse, axis=0))
+        m_split_safe = tl.where(m_split == float("-inf"), 0.0, m_split)
+        w = tl.exp(part_lse - m_split_safe)  # 0 for empty splits
+        o = tl.load(PO + b * s_pob + h * s_poh + ss[:, None] * s_pos + row * s_pom + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        o = tl.where((w > 0.0)[:, None], o, 0.0)
+        alpha = tl.exp(m - m_split_safe)
+        den = den * alpha + _sum(w, axis=0)
+        acc = acc * alpha + _sum(w[:, None] * o, axis=0)
+        m = m_split
+    # 2. the new tokens this query sees: buffer entries 0 .. slot
+    slot = tl.load(SLOTS + t)
+    q = tl.load(Q + b * s_qb + qh * s_qh + t * s_qt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    k_base = NK + b * s_kb + h * s_kh
+    v_base = NV + b * s_vb + h * s_vh
+    for n0 in range(0, slot + 1, BLOCK_N):
+        nn = n0 + offs_n
+        n_ok = nn <= slot
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + nn[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + nn[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        logits = _sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+        logits = tl.where(n_ok, logits, float("-inf"))
+        m_new = tl.maximum(m, _max(logits, axis=0))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(logits - m_new_safe)
+        beta = tl.exp(m - m_new_safe)
+        den = den * beta + _sum(p, axis=0)
+        acc = acc * beta + _sum(p[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+    has = den > 0.0
+    den_safe = tl.where(has, den, 1.0)
+    out = acc / den_safe
+    tl.store(OUT + b * s_ob + qh * s_oh + t * s_ot + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    lse = tl.where(has, m + tl.log(den_safe), float("-inf"))
+    tl.store(LSE + b * s_lb + qh * s_lh + t * s_lt + tl.arange(0, 1), lse)
+
+
+def merge_with_new_tokens(
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    q: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S normalised partial attentions of the grouped queries with their causal attention over the new
+    tokens, in one launch (the epilogue of ``sparse_attention_with_new_tokens``; also the dense FlashAttention
+    baseline's: its output is one partial).
+
+    Args:
+        part_out: [B, Hk, S, G*T, D] any float dtype, any strides but a contiguous last dim (rows in
+            ``group_queries_ref`` order); part_lse: [B, Hk, S, G*T] float32 natural-log (-inf: empty).
+        q: [B, Hq, T, D]; new_keys, new_values: [B, Hk, C, D]; slots: [T]; out: as in
+            ``sparse_attention_with_new_tokens``.
+    Returns:
+        out [B, Hq, T, D], lse [B, Hq, T] float32.
+    """
+    b, hq, t, d = q.shape
+    hk = part_out.shape[1]
+    if new_keys.shape[:2] != (b, hk) or new_keys.shape[-1] != d or new_values.shape != new_keys.shape:
+        raise ValueError(f"new_keys/new_values must be [B={b}, Hk={hk}, C, D={d}] alike; got "
+                         f"{tuple(new_keys.shape)} and {tuple(new_values.shape)}")
+    if slots.shape != (t,):
+        raise ValueError(f"slots must be [T={t}]; got {tuple(slots.shape)}")
+    nq = (hq // hk) * t
+    if part_out.dim() != 5 or (part_out.shape[0], part_out.shape[3], part_out.shape[4]) != (b, nq, d):
+        raise ValueError(f"part_out must be [B={b}, Hk={hk}, S, G*T={nq}, D={d}]; got {tuple(part_out.shape)}")
+    if out is None:
+        out = torch.empty(b, hq, t, d, dtype=torch.float32, device=q.device)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be [B, Hq, T, D] = {tuple(q.shape)} with a contiguous last dim; "
+                         f"got {tuple(out.shape)} with strides {out.stride()}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    new_keys = new_keys if new_keys.stride(-1) == 1 else new_keys.contiguous()
+    new_values = new_values if new_values.stride(-1) == 1 else new_values.contiguous()
+    splits = part_out.shape[2]
+    lse = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
+    _merge_new_tokens_kernel[(nq, b * hk)](
+        part_out, part_lse, q, new_keys, new_values, slots, out, lse,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        new_keys.stride(0), new_keys.stride(1), new_keys.stride(2),
+        new_values.stride(0), new_values.stride(1), new_values.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        hk, hq // hk, t, splits, scale,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=min(triton.next_power_of_2(splits), 64),
+        BLOCK_N=32 if d > 64 else 64, num_warps=4,
+    )
+    return out, lse
+
+
+def sparse_attention_with_new_tokens(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    total: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new tokens over the kept fixed-context keys and, causally, the new tokens (Triton; same
+    arguments and results as ``sparse_attention_with_new_tokens_ref``).
+
+    Args:
+        q: [B, Hq, T, D]; keys, values: [Hk, N, D] fixed context (sorted order, last dim contiguous).
+        pos: [B, Hk, >= max total] int32 sorted kept positions; total: [B, Hk] int32 kept keys per head
+            (``lookup.centroid_lookup_positions``).
+        new_keys, new_values: [B, Hk, C, D] the new tokens' K/V (a static buffer of capacity C, or a growing
+            cache's M tokens); slots: [T] int64, query t sees entries 0 .. slots[t] (slots[t] < C).
+        out: optional [B, Hq, T, D] output of any float dtype and strides (e.g. a transposed view of a
+            [B, T, Hq, D] buffer); written in place and returned.
+    Returns:
+        out [B, Hq, T, D] (float32 unless ``out`` is given), lse [B, Hq, T] float32 (over both parts).
+    """
+    b, hq, t, d = q.shape
+    if new_keys.shape[:2] != (b, keys.shape[0]) or new_keys.shape[-1] != d or new_values.shape != new_keys.shape:
+        raise ValueError(f"new_keys/new_values must be [B={b}, Hk={keys.shape[0]}, C, D={d}] alike; got "
+                         f"{tuple(new_keys.shape)} and {tuple(new_values.shape)}")
+    if slots.shape != (t,):
+        raise ValueError(f"slots must be [T={t}]; got {tuple(slots.shape)}")
+    q = q if q.is_contiguous() else q.contiguous()
+    part_o, part_l = _attend(q, keys, values, pos, total, scale, num_splits, reduce=False)
+    return merge_with_new_tokens(part_o, part_l, q, new_keys, new_values, slots, scale, out=out)
