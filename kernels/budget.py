@@ -1,16 +1,19 @@
 """Budget selection in Triton (same contract as ``budget_mask_ref``): keep the clusters of highest per-key
 probability until at least ``target`` keys are kept, per (question, KV head), without sorting.
 
-One program per (question, KV head) holds the head's clusters in registers and bisects on the
-log-probability threshold: the kept key count of
-``p >= t`` only falls as ``t`` rises, so the largest ``t`` whose count still reaches the target keeps exactly
-the clusters the sort-based reference keeps (the top ones up to and including the cluster that reaches the
-target), up to clusters whose probabilities tie within the bisection's resolution (2^-ITERS of the
-log-probability range). One launch replaces the reference's sort, cumsum and scatter, and it stays
-CUDA-graph capturable.
+One program per (question, KV head) holds the head's clusters in registers and searches the
+log-probability threshold: the kept key count of ``p >= t`` only falls as ``t`` rises, so the largest ``t``
+whose count still reaches the target keeps exactly the clusters the sort-based reference keeps (the top ones
+up to and including the cluster that reaches the target), up to clusters whose probabilities tie within the
+search's resolution (2^-32 of the log-probability range by default). Each round tests ``KWAY`` thresholds
+with one reduction, so the search is 11 dependent rounds instead of 32 halvings (the rounds' reductions
+across the program's warps are its latency). One launch replaces the reference's sort, cumsum and scatter,
+and it stays CUDA-graph capturable.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -23,11 +26,11 @@ __all__ = ["budget_mask"]
 
 @triton.jit
 def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh,
-                   s_eb, s_eh, HK, NC, sink_len, window_len, ITERS: tl.constexpr, BLOCK: tl.constexpr,
-                   HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr):
-    """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the bisection.
+                   s_eb, s_eh, HK, NC, sink_len, window_len, ITERS: tl.constexpr, KWAY: tl.constexpr,
+                   BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr):
+    """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the search.
     Without HAS_ALLOWED every cluster is allowed; with WRITE_SEGLEN it also writes the kept segment lengths
-    SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len)."""
+    SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len) for ``kept_positions``."""
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
@@ -43,12 +46,19 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_
     # kept); count(lp >= hi) < target.
     lo = (-_max(tl.where(ok, -lp, float("-inf")), axis=0)).to(tl.float32)
     hi = (_max(lp, axis=0) + 1.0).to(tl.float32)
+    # Each round tests KWAY thresholds at once (one reduction of a [KWAY, BLOCK] tile instead of KWAY
+    # dependent ones) and keeps the (KWAY + 1)-th of the interval between the last that still reaches the
+    # target and the first that does not: ITERS rounds shrink it by (KWAY + 1) ** ITERS.
+    frac = (tl.arange(0, KWAY) + 1).to(tl.float32) / (KWAY + 1)
     for _ in range(ITERS):
-        mid = ((lo + hi) * 0.5).to(tl.float32)
-        kept = _sum(tl.where(lp >= mid, sz, 0.0), axis=0)
+        cand = lo + (hi - lo) * frac  # [KWAY] increasing thresholds inside (lo, hi)
+        kept = _sum(tl.where(lp[None, :] >= cand[:, None], sz[None, :], 0.0), axis=1)  # [KWAY], non-increasing
         take = kept >= target
-        lo = tl.where(take, mid, lo).to(tl.float32)
-        hi = tl.where(take, hi, mid).to(tl.float32)
+        n_take = _sum(take.to(tl.int32), axis=0)
+        new_lo = _max(tl.where(take, cand, float("-inf")), axis=0)
+        new_hi = -_max(tl.where(take, float("-inf"), -cand), axis=0)
+        lo = tl.where(n_take > 0, new_lo, lo).to(tl.float32)
+        hi = tl.where(n_take < KWAY, new_hi, hi).to(tl.float32)
     lo = tl.where(target > 0, lo, float("inf")).to(tl.float32)  # a target of 0 keeps nothing
     keep = ok & (lp >= lo)
     tl.store(KEEP + b * s_kb + h * s_kh + c, keep.to(tl.uint8), mask=c < NC)
@@ -60,11 +70,14 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_
 
 
 MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
+KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 sweep: 2 beats 1, 4 and 8;
+# benchmarks/gpu_flat_lookup_sweep.py, docs/bench/README.md)
 
 
 def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor | None, target: torch.Tensor,
                 iters: int = 32, *, seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0) -> torch.Tensor:
-    """Keep clusters in descending per-key probability until ``target`` keys are kept.
+    """Keep clusters in descending per-key probability until ``target`` keys are kept (threshold found to a
+    resolution of ``2 ** -iters`` of the log-probability range).
 
     probs [B, Hk, C] float32 (>= 0), sizes [Hk, C] int64, allowed [B, Hk, C] bool or uint8 (None: all),
     target [B, Hk] keys. Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the
@@ -92,8 +105,8 @@ def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor 
     _budget_kernel[(b * hk,)](
         probs, sizes, alw, target, keep, seg, probs.stride(0), probs.stride(1), sizes.stride(0),
         alw.stride(0), alw.stride(1), target.stride(0), target.stride(1), keep.stride(0),
-        keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window, ITERS=iters, BLOCK=block,
-        HAS_ALLOWED=allowed is not None, WRITE_SEGLEN=seglen is not None,
-        num_warps=min(16, max(4, block // 512)),
+        keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
+        ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
+        WRITE_SEGLEN=seglen is not None, num_warps=min(16, max(4, block // 512)),
     )
     return keep.view(torch.bool)

@@ -40,17 +40,17 @@ def _interpret() -> bool:
 # ----------------------------------------------------------------------------------------------- host side
 
 # Launch settings (the benchmark's tuning sweep edits these): clusters per program at a block-grouped level
-# (coarse, flat); warps per program for block- and parent-grouped levels; coarse clusters per program at a
+# (coarse; a flat lookup's fine level: flat_block_c); warps per program for block- and parent-grouped levels; coarse clusters per program at a
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
-          "parent_group_prefill": 16}  # measured best on an H100 (docs/bench/README.md)
+          "parent_group_prefill": 16, "flat_block_c": 64}  # measured best on an H100 (docs/bench/README.md)
 
 
 class _Level:
     """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
     coarse parent (one program per ``group`` coarse clusters)."""
 
-    def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None):
+    def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None, flat_fine=False):
         self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
         self.spread = spread.float().contiguous() if spread is not None else None
         self.b, self.hk, self.nq, self.d = q.shape
@@ -62,7 +62,7 @@ class _Level:
             block_q = max(2, triton.next_power_of_2(self.nq))
         else:
             block_q = 16 if _interpret() else 64
-        block_c = 16 if (_interpret() or coff is not None) else TUNING["block_c"]
+        block_c = 16 if (_interpret() or coff is not None) else TUNING["flat_block_c" if flat_fine else "block_c"]
         if coff is None:
             warps = TUNING["block_warps"]
         else:
@@ -209,7 +209,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     coarse_probs = allowed = None
     seg = dict(seglen=seglen, sink=sink, window=window, fixed=fixed_logz)
     if not hierarchical:
-        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread, flat_fine=True)
         part, _, logits = fine.lse(always=always_keys)  # with always_keys: the extra row is in the normaliser
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:

@@ -218,7 +218,6 @@ def _positions_kernel(
         tl.store(p_base + excl[:, None] + kk[None, :], lo[:, None] + kk[None, :], mask=kk[None, :] < ln[:, None])
     if start + BLOCK_S >= R:  # last block
         kept = prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32)
-        tl.store(TOTAL + pid_bh + tl.arange(0, 1), kept)
         cents = tl.full([1], 0, tl.int64) + NCC
         if HAS_READ:
             n = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
@@ -226,10 +225,22 @@ def _positions_kernel(
                 kk = k0 + offs_p
                 n += _sum(tl.load(ALLOWED + b * s_ab + h * s_ah + kk, mask=kk < NA, other=0).to(tl.int32), axis=0)
             cents += n.to(tl.int64)
-            tl.store(READ + pid_bh + tl.arange(0, 1), cents)
-        if HAS_COUNT:
-            tl.atomic_add(COUNT + tl.arange(0, 1), kept.to(tl.int64) * TOKEN_BYTES + cents * CENT_BYTES)
-            tl.atomic_add(COUNT + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int64) + DENSE_BYTES)
+        _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES, HAS_READ,
+                     HAS_COUNT)
+
+
+@triton.jit
+def _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
+                 HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr):
+    """Per (b, h) after its positions: TOTAL = kept keys [1] int32; with HAS_READ, READ = centroids scored
+    [1] int64; with HAS_COUNT, COUNT[0] += kept * TOKEN_BYTES + cents * CENT_BYTES and COUNT[1] +=
+    DENSE_BYTES (int64 atomics: exact and order-free)."""
+    tl.store(TOTAL + pid_bh + tl.arange(0, 1), kept)
+    if HAS_READ:
+        tl.store(READ + pid_bh + tl.arange(0, 1), cents)
+    if HAS_COUNT:
+        tl.atomic_add(COUNT + tl.arange(0, 1), kept.to(tl.int64) * TOKEN_BYTES + cents * CENT_BYTES)
+        tl.atomic_add(COUNT + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int64) + DENSE_BYTES)
 
 
 @triton.jit

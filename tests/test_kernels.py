@@ -599,3 +599,39 @@ def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt, terms):
     else:
         _assert_budget_equal(keep, rkeep, centroid_probs(*args, **kw)[0])
     assert torch.equal(read, rread)
+
+
+def test_budget_positions_fallback_past_max_clusters(monkeypatch):
+    """Heads with more clusters than the registers hold take the reference's sort; the positions, totals
+    and centroid counts they return are the in-register path's."""
+    from sqattn_index.kernels import budget as budget_mod
+
+    b, hk, d, n = 1, 2, 64, 360
+    (q, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, 4, d, n, 4, "fp32", 5)
+    total_keys = fs.sum(1).float().expand(b, hk)
+    args = (q, fc, fs, ccent, cs, co, None, None, 0.2 * total_keys, 0.6 * total_keys, d ** -0.5, True)
+    kw = dict(fine_offsets=fo, num_tokens=n, sink_tokens=sink, window_tokens=window)
+    fast = centroid_lookup_positions(*args, **kw)
+    monkeypatch.setattr(budget_mod, "MAX_CLUSTERS", 8)
+    slow = centroid_lookup_positions(*args, **kw)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]) and torch.equal(fast[3], slow[3])
+    for bi in range(b):
+        for h in range(hk):
+            t = int(fast[3][bi, h])
+            assert torch.equal(fast[2][bi, h, :t], slow[2][bi, h, :t])
+
+
+@pytest.mark.parametrize("kway", [2, 8])
+def test_budget_mask_multiway_search_matches_ref(monkeypatch, kway):
+    """The search tests ``KWAY`` thresholds per round (a launch setting): same decisions as the reference."""
+    from sqattn_index.kernels import budget as budget_mod
+
+    monkeypatch.setattr(budget_mod, "KWAY", kway)
+    gen = torch.Generator().manual_seed(kway)
+    probs = torch.exp(-12 * torch.rand(2, 3, 300, generator=gen))
+    sizes = torch.randint(1, 30, (3, 300), generator=gen)
+    allowed = torch.rand(2, 3, 300, generator=gen) < 0.8
+    target = 0.3 * (sizes.unsqueeze(0) * allowed).sum(-1).float()
+    probs, sizes, allowed, target = (x.to(DEV) for x in (probs, sizes, allowed, target))
+    keep = budget_mask(probs, sizes, allowed, target)
+    _assert_budget_equal(keep, ref.budget_mask_ref(probs, sizes, allowed, target), probs)

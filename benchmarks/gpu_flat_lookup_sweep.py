@@ -1,0 +1,80 @@
+"""GPU timing of the decode lookup in budget mode, flat (what the engine runs when the coarse budget covers
+>= 90% of the keys: keep 0.1 at coarse slack 10) and hierarchical, per launch setting of the flat level.
+
+Synthetic clustered layer of ``sqattn_index.bench`` (16 keys per fine cluster, 16 fine per coarse), one decode
+token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup (positions included) for
+each (flat_block_c, block_warps) of ``kernels.lookup.TUNING``, for the budget kernel's thresholds per round
+(``budget.KWAY``), and the hierarchical lookup at coarse slack 3. (A version that also wrote the kept
+positions inside the budget kernel, one program per head, was slower: 126 against 94 us at Llama-2-7B
+128K; docs/bench/README.md.)
+
+    python benchmarks/gpu_flat_lookup_sweep.py [--context 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> None:
+    from sqattn_index.bench import SHAPES, BenchConfig, Timer, make_queries, synthetic_layer
+    from sqattn_index.kernels import lookup as lk
+    from sqattn_index.kernels.sparse_attention import segment_lows
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--keep", type=float, default=0.1)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    timer = Timer(dev, 30)
+    cfg = BenchConfig()
+    default = dict(lk.TUNING)
+    for shape in ("llama2-7b", "llama3-8b"):
+        hq, hk, d = SHAPES[shape]
+        n = args.context
+        layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg)
+        q = make_queries(layer, hq, 1, seed=1)
+        qg = q.reshape(1, hk, hq // hk, d)
+        scale = d ** -0.5
+        lows = segment_lows(layer.fine_offsets, n, layer.window)
+        budget = torch.full((1, hk), args.keep * n - layer.sink - layer.window, device=dev)
+        kw = dict(seg_lows=lows, num_tokens=n, sink_tokens=layer.sink, window_tokens=layer.window,
+                  fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
+                  always_keys=(layer.keys, layer.sink, layer.window))
+        base = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
+                layer.coarse_offsets, None, None)
+
+        def flat():
+            return lk.centroid_lookup_positions(*base, budget, None, scale, False, **kw)
+
+        def hier():
+            return lk.centroid_lookup_positions(*base, budget, (budget * 3).clamp(max=float(n)), scale, True, **kw)
+
+        cf = layer.fine_centroids.shape[1]
+        mb = hk * cf * (d * 2 + 4) / 1e6
+        for bc, bw in ((32, 2), (64, 2), (128, 4)):
+            lk.TUNING.update(default, flat_block_c=bc, block_warps=bw)
+            try:
+                ms = timer(flat)
+                print(f"{shape} N={n} flat budget lookup flat_block_c={bc:3d} warps={bw}: {ms * 1e3:7.1f} us "
+                      f"({mb:.1f} MB of centroids: {mb / (ms * 1e3) * 1e3:.0f} GB/s)", flush=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"{shape} block_c={bc} warps={bw}: {type(exc).__name__}: {exc}", flush=True)
+        lk.TUNING.update(default)
+        from sqattn_index.kernels import budget as bm
+
+        for kway in (1, 2, 4, 8):
+            bm.KWAY = kway
+            print(f"{shape} N={n} flat budget lookup, budget kernel KWAY={kway}: {timer(flat) * 1e3:7.1f} us",
+                  flush=True)
+        bm.KWAY = 2
+        print(f"{shape} N={n} hierarchical budget lookup (coarse slack 3, default tuning): "
+              f"{timer(hier) * 1e3:.1f} us", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
