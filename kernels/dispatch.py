@@ -28,8 +28,9 @@ def get_ops(backend: str = "auto") -> SimpleNamespace:
     """Ops for ``backend``: "torch" (references), "triton" (kernels) or "auto" (triton on CUDA, else torch).
 
     Returns a namespace with ``centroid_lookup``, ``always_logz``, ``ranges_from_mask``, ``sparse_attention``,
-    ``causal_attention``, ``lse_merge`` (each with the signature of its ``*_ref``) and ``backend``,
-    the name actually chosen. ``ranges_from_mask`` and ``causal_attention`` are torch in both.
+    ``sparse_attention_with_new_tokens``, ``causal_attention``, ``lse_merge`` (each with the signature of its
+    ``*_ref``) and ``backend``, the name actually chosen. ``ranges_from_mask`` and ``causal_attention`` are
+    torch in both.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -40,12 +41,15 @@ def get_ops(backend: str = "auto") -> SimpleNamespace:
         return SimpleNamespace(backend="torch", centroid_lookup=reference.centroid_lookup_ref,
                                always_logz=reference.always_logz_ref,
                                sparse_attention=reference.sparse_attention_ref,
+                               sparse_attention_with_new_tokens=reference.sparse_attention_with_new_tokens_ref,
                                lse_merge=reference.lse_merge_ref, **common)
     from .always_logz import always_logz
+    from .fused_attention import sparse_attention_with_new_tokens
     from .lookup import centroid_lookup
     from .merge import lse_merge
     from .sparse_attention import sparse_attention
 
     return SimpleNamespace(backend="triton", centroid_lookup=centroid_lookup, always_logz=always_logz,
                            sparse_attention=sparse_attention,
+                           sparse_attention_with_new_tokens=sparse_attention_with_new_tokens,
                            lse_merge=lse_merge, **common)

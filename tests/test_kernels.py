@@ -531,6 +531,8 @@ def test_dispatch_backends():
     assert tr.centroid_lookup is centroid_lookup and tr.sparse_attention is sparse_attention
     assert tr.lse_merge is lse_merge and tr.ranges_from_mask is ref.ranges_from_mask_ref
     assert tr.causal_attention is ref.causal_attention_ref
+    assert t.sparse_attention_with_new_tokens is ref.sparse_attention_with_new_tokens_ref
+    assert tr.sparse_attention_with_new_tokens.__module__.endswith("kernels.fused_attention")
     assert get_ops("auto").backend == ("triton" if CUDA else "torch")
     with pytest.raises(ValueError, match="backend"):
         get_ops("cuda")
