@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _attend, _max, _sum
+from .sparse_attention import _attend, _max, _merge_splits, _sum
 
 __all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
 
@@ -44,28 +44,12 @@ def _merge_new_tokens_kernel(
     h = (pid_bh % HK).to(tl.int64)
     t = (row % T).to(tl.int64)
     qh = h * G + row // T
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    m = tl.full([1], float("-inf"), tl.float32)
-    den = tl.full([1], 0.0, tl.float32)
-    acc = tl.full([BLOCK_D], 0.0, tl.float32)
     # 1. the fixed context: NSPLIT normalised partials with their log-sum-exps
-    for s0 in range(0, NSPLIT, BLOCK_S):
-        ss = s0 + offs_s
-        s_ok = ss < NSPLIT
-        part_lse = tl.load(PL + b * s_plb + h * s_plh + ss * s_pls + row, mask=s_ok, other=float("-inf"))
-        m_split = tl.maximum(m, _max(part_lse, axis=0))
-        m_split_safe = tl.where(m_split == float("-inf"), 0.0, m_split)
-        w = tl.exp(part_lse - m_split_safe)  # 0 for empty splits
-        o = tl.load(PO + b * s_pob + h * s_poh + ss[:, None] * s_pos + row * s_pom + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        o = tl.where((w > 0.0)[:, None], o, 0.0)
-        alpha = tl.exp(m - m_split_safe)
-        den = den * alpha + _sum(w, axis=0)
-        acc = acc * alpha + _sum(w[:, None] * o, axis=0)
-        m = m_split
+    m, den, acc = _merge_splits(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row,
+                                s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D, BLOCK_S)
     # 2. the new tokens this query sees: buffer entries 0 .. slot
     slot = tl.load(SLOTS + t)
     q = tl.load(Q + b * s_qb + qh * s_qh + t * s_qt + offs_d, mask=d_ok, other=0.0).to(tl.float32)

@@ -244,6 +244,32 @@ def _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTE
 
 
 @triton.jit
+def _merge_splits(po_row, pl_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Online log-sum-exp over the NSPLIT normalised partials of one query row (po_row: its output row of
+    split 0, pl_row: its lse of split 0) -> running max m [1], denominator den [1], accumulator acc [BLOCK_D]
+    (fp32; more terms may be merged into them before out = acc / den, lse = m + log den)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    m = tl.full([1], float("-inf"), tl.float32)
+    den = tl.full([1], 0.0, tl.float32)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        ss = s0 + offs_s
+        s_ok = ss < NSPLIT
+        part_lse = tl.load(pl_row + ss * s_pls, mask=s_ok, other=float("-inf"))
+        m_split = tl.maximum(m, _max(part_lse, axis=0))
+        m_split_safe = tl.where(m_split == float("-inf"), 0.0, m_split)
+        w = tl.exp(part_lse - m_split_safe)  # [BLOCK_S], 0 for empty splits
+        o = tl.load(po_row + ss[:, None] * s_pos + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        o = tl.where((w > 0.0)[:, None], o, 0.0)
+        alpha = tl.exp(m - m_split_safe)
+        den = den * alpha + _sum(w, axis=0)
+        acc = acc * alpha + _sum(w[:, None] * o, axis=0)
+        m = m_split
+    return m, den, acc
+
+
+@triton.jit
 def _split_reduce_kernel(
     PO, PL, OUT, LSE,
     s_pob, s_poh, s_pos, s_pom,
@@ -257,26 +283,10 @@ def _split_reduce_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m = tl.full([1], float("-inf"), tl.float32)
-    den = tl.full([1], 0.0, tl.float32)
-    acc = tl.full([BLOCK_D], 0.0, tl.float32)
-    for s0 in range(0, NSPLIT, BLOCK_S):
-        ss = s0 + offs_s
-        s_ok = ss < NSPLIT
-        lse = tl.load(PL + b * s_plb + h * s_plh + ss * s_pls + row, mask=s_ok, other=float("-inf"))
-        m_new = tl.maximum(m, _max(lse, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp(lse - m_safe)  # [BLOCK_S], 0 for empty splits
-        o = tl.load(PO + b * s_pob + h * s_poh + ss[:, None] * s_pos + row * s_pom + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        o = tl.where((w > 0.0)[:, None], o, 0.0)
-        alpha = tl.exp(m - m_safe)
-        den = den * alpha + _sum(w, axis=0)
-        acc = acc * alpha + _sum(w[:, None] * o, axis=0)
-        m = m_new
+    m, den, acc = _merge_splits(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row,
+                                s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D, BLOCK_S)
     has = den > 0.0
     den_safe = tl.where(has, den, 1.0)
     tl.store(OUT + b * s_ob + h * s_oh + row * s_om + offs_d, acc / den_safe, mask=d_ok)
