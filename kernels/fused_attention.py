@@ -78,6 +78,15 @@ def _merge_new_tokens_kernel(
     tl.store(LSE + b * s_lb + qh * s_lh + t * s_lt + tl.arange(0, 1), lse)
 
 
+def _check_new_tokens(q, hk, new_keys, new_values, slots) -> None:
+    b, _, t, d = q.shape
+    if new_keys.shape[:2] != (b, hk) or new_keys.shape[-1] != d or new_values.shape != new_keys.shape:
+        raise ValueError(f"new_keys/new_values must be [B={b}, Hk={hk}, C, D={d}] alike; got "
+                         f"{tuple(new_keys.shape)} and {tuple(new_values.shape)}")
+    if slots.shape != (t,):
+        raise ValueError(f"slots must be [T={t}]; got {tuple(slots.shape)}")
+
+
 def merge_with_new_tokens(
     part_out: torch.Tensor,
     part_lse: torch.Tensor,
@@ -103,11 +112,7 @@ def merge_with_new_tokens(
     """
     b, hq, t, d = q.shape
     hk = part_out.shape[1]
-    if new_keys.shape[:2] != (b, hk) or new_keys.shape[-1] != d or new_values.shape != new_keys.shape:
-        raise ValueError(f"new_keys/new_values must be [B={b}, Hk={hk}, C, D={d}] alike; got "
-                         f"{tuple(new_keys.shape)} and {tuple(new_values.shape)}")
-    if slots.shape != (t,):
-        raise ValueError(f"slots must be [T={t}]; got {tuple(slots.shape)}")
+    _check_new_tokens(q, hk, new_keys, new_values, slots)
     nq = (hq // hk) * t
     if part_out.dim() != 5 or (part_out.shape[0], part_out.shape[3], part_out.shape[4]) != (b, nq, d):
         raise ValueError(f"part_out must be [B={b}, Hk={hk}, S, G*T={nq}, D={d}]; got {tuple(part_out.shape)}")
@@ -164,12 +169,7 @@ def sparse_attention_with_new_tokens(
     Returns:
         out [B, Hq, T, D] (float32 unless ``out`` is given), lse [B, Hq, T] float32 (over both parts).
     """
-    b, hq, t, d = q.shape
-    if new_keys.shape[:2] != (b, keys.shape[0]) or new_keys.shape[-1] != d or new_values.shape != new_keys.shape:
-        raise ValueError(f"new_keys/new_values must be [B={b}, Hk={keys.shape[0]}, C, D={d}] alike; got "
-                         f"{tuple(new_keys.shape)} and {tuple(new_values.shape)}")
-    if slots.shape != (t,):
-        raise ValueError(f"slots must be [T={t}]; got {tuple(slots.shape)}")
+    _check_new_tokens(q, keys.shape[0], new_keys, new_values, slots)  # before the sparse kernel runs
     q = q if q.is_contiguous() else q.contiguous()
     part_o, part_l = _attend(q, keys, values, pos, total, scale, num_splits, reduce=False)
     return merge_with_new_tokens(part_o, part_l, q, new_keys, new_values, slots, scale, out=out)

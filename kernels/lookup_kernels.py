@@ -89,6 +89,21 @@ def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.const
 
 
 @triton.jit
+def _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT: tl.constexpr, GROUP: tl.constexpr):
+    """A program's units [g_lo, g_hi) (its GROUP coarse parents, or its one cluster block) and queries
+    [q_lo, q_hi) of its query chunk: the shared preamble of ``_lse_kernel`` and ``_prob_kernel``."""
+    if BY_PARENT:
+        g_lo = pid_c * GROUP
+        g_hi = tl.minimum(g_lo + GROUP, NCC)
+    else:
+        g_lo = 0
+        g_hi = 1
+    q_lo = pid_q * Q_PER_PROG
+    q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
+    return g_lo, g_hi, q_lo, q_hi
+
+
+@triton.jit
 def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """logsumexp over the nb partial rows PART[k, q] for the queries offs_q -> [BLOCK_Q]."""
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -159,19 +174,12 @@ def _lse_kernel(
                          h, pid_c, q_lo, tl.minimum(q_lo + Q_PER_PROG, NQ), N, SINK, WINDOW, scale,
                          tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < HEAD_DIM, BLOCK_Q, BLOCK_C, ROWWISE,
                          NATIVE, PRECISION)
-    if BY_PARENT:
-        g_lo = pid_c * GROUP
-        g_hi = tl.minimum(g_lo + GROUP, NCC)
-    else:
-        g_lo = 0
-        g_hi = 1
+    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
-    q_lo = pid_q * Q_PER_PROG
-    q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
     if BY_PARENT:
         if pid_q == 0:
             for g in range(g_lo, g_hi):
@@ -234,20 +242,13 @@ def _prob_kernel(
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    if BY_PARENT:
-        g_lo = pid_c * GROUP
-        g_hi = tl.minimum(g_lo + GROUP, NCC)
-    else:
-        g_lo = 0
-        g_hi = 1
+    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
     psum_base = PSUM + b * s_rb + h * s_rh
-    q_lo = pid_q * Q_PER_PROG
-    q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
     for tile in range(NT):  # every row is written (tiles past q_hi store zeros)
         q0 = q_lo + tile * BLOCK_Q
         row_base = psum_base + (pid_q * NT + tile) * s_rq

@@ -155,6 +155,11 @@ def flash_fixed_attention(query: torch.Tensor, keys: torch.Tensor, values: torch
     return res[0].unsqueeze(2), res[1].unsqueeze(2)
 
 
+def _token_bytes(layer) -> int:
+    """Bytes of one fixed-context token's K and V in one KV head."""
+    return 2 * layer.head_dim * layer.keys.element_size()
+
+
 class SqueezedCache(Cache):
     """A transformers ``Cache`` over a precomputed ``CorpusKV``: fixed KV read sparsely, new tokens densely.
 
@@ -202,7 +207,7 @@ class SqueezedCache(Cache):
     def _count(self, layer, rows: int, read=None) -> None:
         """Add ``read`` bytes (None: all of the fixed K/V), and the dense bytes of ``rows`` selections over
         ``layer``, to the KV budget."""
-        dense = rows * layer.num_kv_heads * layer.num_tokens * 2 * layer.head_dim * layer.keys.element_size()
+        dense = rows * layer.num_kv_heads * layer.num_tokens * _token_bytes(layer)
         self._bytes[0] += dense if read is None else read
         self._bytes[1] += dense
 
@@ -231,10 +236,8 @@ class SqueezedCache(Cache):
             return self._attend_positions(layer, query, key, value, scale)
         q_sel = query[0].transpose(0, 1).unsqueeze(2) if split else query  # [T, Hq, 1, D] when split
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
-        elt = layer.keys.element_size()
-        d = layer.head_dim
         self._count(layer, q_sel.shape[0],
-                    sel.tokens_read * 2 * d * elt + sel.centroids_read * centroid_bytes(layer, self.spec))
+                    sel.tokens_read * _token_bytes(layer) + sel.centroids_read * centroid_bytes(layer, self.spec))
         out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
         if split:
@@ -254,12 +257,11 @@ class SqueezedCache(Cache):
         ``[B, Hq, T, D]`` view)."""
         from .kernels.fused_attention import sparse_attention_with_new_tokens
 
-        b, hq, t, d = query.shape
-        token_bytes = 2 * d * layer.keys.element_size()
+        token_bytes = _token_bytes(layer)
         counter = (self._bytes, token_bytes, centroid_bytes(layer, self.spec), layer.num_tokens * token_bytes)
         pos, total = select_positions(layer, query, self.spec, scale, counter=counter)
         if self.spec.dense:
-            self._count(layer, b)
+            self._count(layer, query.shape[0])
         return sparse_attention_with_new_tokens(query, layer.keys, layer.values, pos, total, key, value,
                                                 self._slots_for(query, key), scale, out=self._output(query))[0]
 
