@@ -2,11 +2,13 @@
 >= 90% of the keys: keep 0.1 at coarse slack 10) and hierarchical, per launch setting of the flat level.
 
 Synthetic clustered layer of ``sqattn_index.bench`` (16 keys per fine cluster, 16 fine per coarse), one decode
-token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup (positions included) for
-each (flat_block_c, block_warps) of ``kernels.lookup.TUNING``, for the budget kernel's thresholds per round
-(``budget.KWAY``), and the hierarchical lookup at coarse slack 3. (A version that also wrote the kept
-positions inside the budget kernel, one program per head, was slower: 126 against 94 us at Llama-2-7B
-128K; docs/bench/README.md.)
+token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup (positions included) and of
+the flat level's normaliser launch alone for each (flat_block_c, flat_tiles, flat_stages, block_warps) of
+``kernels.lookup.TUNING`` (a program scores ``flat_tiles`` blocks of ``flat_block_c`` centroids, its loads
+pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per round (``budget.KWAY``)
+with the best setting, and the hierarchical lookup at coarse slack 3. The last line per shape is the best
+setting as JSON. (A version that also wrote the kept positions inside the budget kernel, one program per
+head, was slower: 126 against 94 us at Llama-2-7B 128K; docs/bench/README.md.)
 
     python benchmarks/gpu_flat_lookup_sweep.py [--context 131072]
 """
@@ -14,24 +16,28 @@ positions inside the budget kernel, one program per head, was slower: 126 agains
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 
 import torch
 
 
 def main() -> None:
     from sqattn_index.bench import SHAPES, BenchConfig, Timer, make_queries, synthetic_layer
+    from sqattn_index.kernels import budget as bm
     from sqattn_index.kernels import lookup as lk
     from sqattn_index.kernels.sparse_attention import segment_lows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
     args = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, 30)
     cfg = BenchConfig()
     default = dict(lk.TUNING)
-    for shape in ("llama2-7b", "llama3-8b"):
+    for shape in args.shapes.split(","):
         hq, hk, d = SHAPES[shape]
         n = args.context
         layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg)
@@ -52,26 +58,37 @@ def main() -> None:
         def hier():
             return lk.centroid_lookup_positions(*base, budget, (budget * 3).clamp(max=float(n)), scale, True, **kw)
 
+        def lse_only():
+            level = lk._Level(qg, layer.fine_centroids, layer.fine_sizes, scale, "ieee", spread=layer.fine_spread,
+                              flat_fine=True)
+            return level.lse(always=(layer.keys, layer.sink, layer.window))
+
         cf = layer.fine_centroids.shape[1]
         mb = hk * cf * (d * 2 + 4) / 1e6
-        for bc, bw in ((32, 2), (64, 2), (128, 4)):
-            lk.TUNING.update(default, flat_block_c=bc, block_warps=bw)
+        results = []
+        for bc, tiles, stages, bw in itertools.product((32, 64), (1, 2, 4, 8), (1, 3), (2, 4)):
+            setting = dict(flat_block_c=bc, flat_tiles=tiles, flat_stages=stages, block_warps=bw)
+            lk.TUNING.update(default, **setting)
             try:
-                ms = timer(flat)
-                print(f"{shape} N={n} flat budget lookup flat_block_c={bc:3d} warps={bw}: {ms * 1e3:7.1f} us "
-                      f"({mb:.1f} MB of centroids: {mb / (ms * 1e3) * 1e3:.0f} GB/s)", flush=True)
+                ms, lse_ms = timer(flat), timer(lse_only)
             except Exception as exc:  # noqa: BLE001 - report and go on
-                print(f"{shape} block_c={bc} warps={bw}: {type(exc).__name__}: {exc}", flush=True)
-        lk.TUNING.update(default)
-        from sqattn_index.kernels import budget as bm
-
-        for kway in (1, 2, 4, 8):
-            bm.KWAY = kway
-            print(f"{shape} N={n} flat budget lookup, budget kernel KWAY={kway}: {timer(flat) * 1e3:7.1f} us",
+                print(f"{shape} {setting}: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            results.append((ms, setting))
+            print(f"{shape} N={n} flat budget lookup {setting}: {ms * 1e3:6.1f} us; normaliser launch "
+                  f"{lse_ms * 1e3:6.1f} us ({mb:.1f} MB of centroids: {mb / (lse_ms * 1e3) * 1e3:.0f} GB/s)",
                   flush=True)
+        best = min(results, key=lambda r: r[0])[1]
+        lk.TUNING.update(default, **best)
+        for kway in (1, 2, 4):
+            bm.KWAY = kway
+            print(f"{shape} N={n} flat budget lookup (best setting), budget kernel KWAY={kway}: "
+                  f"{timer(flat) * 1e3:6.1f} us", flush=True)
         bm.KWAY = 2
-        print(f"{shape} N={n} hierarchical budget lookup (coarse slack 3, default tuning): "
+        print(f"{shape} N={n} hierarchical budget lookup (coarse slack 3, best setting): "
               f"{timer(hier) * 1e3:.1f} us", flush=True)
+        lk.TUNING.update(default)
+        print(f"{shape} best: {json.dumps(best)}", flush=True)
         del layer
         torch.cuda.empty_cache()
 

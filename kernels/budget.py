@@ -19,18 +19,47 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _max, _sum
+from .lookup_kernels import _reduce_parts
+from .sparse_attention import _cumsum, _max, _sum
 
-__all__ = ["budget_mask"]
+__all__ = ["budget_mask", "budget_mask_from_logits"]
 
 
 @triton.jit
-def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh,
-                   s_eb, s_eh, HK, NC, sink_len, window_len, ITERS: tl.constexpr, KWAY: tl.constexpr,
-                   BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr):
+def _probs_from_logits(LOGITS, PART, FIXED, s_gq, s_pk, NQ, NB, c, ok, HAS_FIXED: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The lookup's per-key probabilities of one (question, head) from its stored logits [NQ, C] and partial
+    log-normalisers [NB, NQ] (plus FIXED [NQ], the always-attended keys): mean_q exp(logit - log Z_q), as
+    ``_prob_kernel`` computes them (pointers at the head's rows)."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < NQ
+    logz = _reduce_parts(PART, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+    if HAS_FIXED:
+        fz = tl.load(FIXED + offs_q, mask=q_ok, other=float("-inf"))
+        top = tl.maximum(logz, fz)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        logz = top + tl.log(tl.exp(logz - top) + tl.exp(fz - top))
+    p = tl.full([BLOCK], 0.0, tl.float32)
+    for qi in range(NQ):
+        lz = _sum(tl.where(offs_q == qi, logz, 0.0), axis=0)
+        row = tl.load(LOGITS + qi * s_gq + c, mask=ok, other=float("-inf"))
+        p += tl.exp(row - lz)
+    return tl.where(ok, p / NQ, 0.0)
+
+
+@triton.jit
+def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, FIXED,
+                   s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh, s_eb, s_eh, s_xb, s_xh,
+                   s_gb, s_gh, s_gq, s_rb, s_rh, s_rk, s_fb, s_fh,
+                   HK, NC, NQ, NB, sink_len, window_len, ITERS: tl.constexpr, KWAY: tl.constexpr,
+                   BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
+                   WRITE_EXCL: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_FIXED: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the search.
-    Without HAS_ALLOWED every cluster is allowed; with WRITE_SEGLEN it also writes the kept segment lengths
-    SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len) for ``kept_positions``."""
+    Without HAS_ALLOWED every cluster is allowed. With FROM_LOGITS the probabilities are computed here from the
+    lookup's logits and partial normalisers and written to P. With WRITE_SEGLEN it also writes the kept
+    segment lengths SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len) for ``kept_positions``,
+    and with WRITE_EXCL their exclusive prefix sums EXCL[b, h, :] (the kept keys before each segment)."""
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
@@ -38,7 +67,12 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_
     ok = c < NC
     if HAS_ALLOWED:
         ok = ok & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=c < NC, other=0) != 0)
-    p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
+    if FROM_LOGITS:
+        p = _probs_from_logits(LOGITS + b * s_gb + h * s_gh, PART + b * s_rb + h * s_rh, FIXED + b * s_fb + h * s_fh,
+                               s_gq, s_rk, NQ, NB, c, ok, HAS_FIXED, BLOCK, BLOCK_Q, BLOCK_P)
+        tl.store(P + b * s_pb + h * s_ph + c, p, mask=c < NC)
+    else:
+        p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
     sz = tl.where(ok, tl.load(SIZES + h * s_sh + c, mask=ok, other=0).to(tl.float32), 0.0)
     lp = tl.where(ok, tl.log(tl.maximum(p, 1e-30)), float("-inf"))  # (1e-38 would be typed fp64 by Triton)
     target = tl.load(TARGET + b * s_tb + h * s_th)
@@ -48,9 +82,13 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_
     hi = (_max(lp, axis=0) + 1.0).to(tl.float32)
     # Each round tests KWAY thresholds at once (one reduction of a [KWAY, BLOCK] tile instead of KWAY
     # dependent ones) and keeps the (KWAY + 1)-th of the interval between the last that still reaches the
-    # target and the first that does not: ITERS rounds shrink it by (KWAY + 1) ** ITERS.
+    # target and the first that does not. The search ends after ITERS rounds or as soon as no float lies
+    # strictly between lo and hi (their midpoint rounds onto one of them): then no log-probability can either,
+    # and the decisions are final (usually 15-17 rounds instead of ITERS = 21).
     frac = (tl.arange(0, KWAY) + 1).to(tl.float32) / (KWAY + 1)
-    for _ in range(ITERS):
+    it = 0
+    mid = lo + (hi - lo) * 0.5
+    while (it < ITERS) & (mid > lo) & (mid < hi):
         cand = lo + (hi - lo) * frac  # [KWAY] increasing thresholds inside (lo, hi)
         kept = _sum(tl.where(lp[None, :] >= cand[:, None], sz[None, :], 0.0), axis=1)  # [KWAY], non-increasing
         take = kept >= target
@@ -59,14 +97,23 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, s_pb, s_ph, s_sh, s_
         new_hi = -_max(tl.where(take, float("-inf"), -cand), axis=0)
         lo = tl.where(n_take > 0, new_lo, lo).to(tl.float32)
         hi = tl.where(n_take < KWAY, new_hi, hi).to(tl.float32)
+        mid = lo + (hi - lo) * 0.5
+        it += 1
     lo = tl.where(target > 0, lo, float("inf")).to(tl.float32)  # a target of 0 keeps nothing
     keep = ok & (lp >= lo)
     tl.store(KEEP + b * s_kb + h * s_kh + c, keep.to(tl.uint8), mask=c < NC)
     if WRITE_SEGLEN:
         e_base = SEGLEN + b * s_eb + h * s_eh
-        tl.store(e_base + 1 + c, tl.where(keep, sz, 0.0).to(tl.int32), mask=c < NC)
+        ln = tl.where(keep, sz, 0.0).to(tl.int32)
+        tl.store(e_base + 1 + c, ln, mask=c < NC)
         tl.store(e_base + tl.arange(0, 1), tl.full([1], 0, tl.int32) + sink_len)
         tl.store(e_base + NC + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int32) + window_len)
+        if WRITE_EXCL:
+            x_base = EXCL + b * s_xb + h * s_xh
+            incl = _cumsum(ln, axis=0) + sink_len  # kept keys up to and including cluster c (sinks first)
+            tl.store(x_base + 1 + c, incl - ln, mask=c < NC)
+            tl.store(x_base + tl.arange(0, 1), tl.full([1], 0, tl.int32))
+            tl.store(x_base + NC + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int32) + _sum(ln, axis=0) + sink_len)
 
 
 MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
@@ -74,39 +121,88 @@ KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 swee
 # benchmarks/gpu_flat_lookup_sweep.py, docs/bench/README.md)
 
 
-def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor | None, target: torch.Tensor,
-                iters: int = 32, *, seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0) -> torch.Tensor:
-    """Keep clusters in descending per-key probability until ``target`` keys are kept (threshold found to a
-    resolution of ``2 ** -iters`` of the log-probability range).
+def _fallback(probs, sizes, allowed, target, seglen, sink, window, excl):
+    """More clusters than the registers hold: the reference's sort, and the segment outputs in torch."""
+    from .reference import budget_mask_ref
 
-    probs [B, Hk, C] float32 (>= 0), sizes [Hk, C] int64, allowed [B, Hk, C] bool or uint8 (None: all),
-    target [B, Hk] keys. Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the
-    target needs them, as in the reference (it ranks them last). ``seglen`` [B, Hk, C + 2] int32: also write
-    the kept segment lengths there (``sink``, kept cluster sizes, ``window``), as the lookup's positions need."""
     b, hk, c = probs.shape
-    if c > MAX_CLUSTERS:
-        from .reference import budget_mask_ref
+    if allowed is None:
+        allowed = torch.ones(b, hk, c, dtype=torch.bool, device=probs.device)
+    keep = budget_mask_ref(probs, sizes, allowed.bool(), target)
+    if seglen is not None:
+        seglen[..., 1:-1] = torch.where(keep, sizes.unsqueeze(0), 0)
+        seglen[..., 0], seglen[..., -1] = sink, window
+        if excl is not None:
+            excl.copy_(torch.cumsum(seglen, dim=-1, dtype=torch.int32) - seglen)
+    return keep
 
-        if allowed is None:
-            allowed = torch.ones(b, hk, c, dtype=torch.bool, device=probs.device)
-        keep = budget_mask_ref(probs, sizes, allowed.bool(), target)
-        if seglen is not None:
-            seglen[..., 1:-1] = torch.where(keep, sizes.unsqueeze(0), 0)
-            seglen[..., 0], seglen[..., -1] = sink, window
-        return keep
-    probs = probs.float().contiguous()
+
+def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, logits=None, parts=None, fixed=None):
+    b, hk, c = probs.shape
     if allowed is not None:
         allowed = (allowed.view(torch.uint8) if allowed.dtype == torch.bool else allowed.to(torch.uint8)).contiguous()
     alw = allowed if allowed is not None else probs
     seg = seglen if seglen is not None else probs
+    exc = excl if excl is not None and seglen is not None else seg
+    lg = logits if logits is not None else probs
+    pt = parts if parts is not None else probs
+    fz = fixed if fixed is not None else probs
+    nq = logits.shape[2] if logits is not None else 1
+    nb = parts.shape[2] if parts is not None else 1
     target = target.float().contiguous()
     keep = torch.empty(b, hk, c, dtype=torch.uint8, device=probs.device)
     block = triton.next_power_of_2(max(c, 16))
     _budget_kernel[(b * hk,)](
-        probs, sizes, alw, target, keep, seg, probs.stride(0), probs.stride(1), sizes.stride(0),
-        alw.stride(0), alw.stride(1), target.stride(0), target.stride(1), keep.stride(0),
-        keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
+        probs, sizes, alw, target, keep, seg, exc, lg, pt, fz,
+        probs.stride(0), probs.stride(1), sizes.stride(0), alw.stride(0), alw.stride(1), target.stride(0),
+        target.stride(1), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), exc.stride(0),
+        exc.stride(1), lg.stride(0), lg.stride(1), lg.stride(2), pt.stride(0), pt.stride(1), pt.stride(2),
+        fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window,
         ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
-        WRITE_SEGLEN=seglen is not None, num_warps=min(16, max(4, block // 512)),
+        WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
+        FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
+        BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=min(16, max(4, block // 512)),
     )
     return keep.view(torch.bool)
+
+
+def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor | None, target: torch.Tensor,
+                iters: int = 32, *, seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0,
+                excl: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep clusters in descending per-key probability until ``target`` keys are kept (the threshold is
+    searched until no float lies between its bounds, at most to a resolution of ``2 ** -iters`` of the
+    log-probability range).
+
+    probs [B, Hk, C] float32 (>= 0), sizes [Hk, C] int64, allowed [B, Hk, C] bool or uint8 (None: all),
+    target [B, Hk] keys. Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the
+    target needs them, as in the reference (it ranks them last). ``seglen`` [B, Hk, C + 2] int32: also write
+    the kept segment lengths there (``sink``, kept cluster sizes, ``window``), as the lookup's positions need;
+    ``excl`` (same shape, with ``seglen``): also their exclusive prefix sums."""
+    if probs.shape[-1] > MAX_CLUSTERS:
+        return _fallback(probs, sizes, allowed, target, seglen, sink, window, excl)
+    return _launch(probs.float().contiguous(), sizes, allowed, target, iters, seglen, sink, window, excl)
+
+
+def budget_mask_from_logits(logits: torch.Tensor, parts: torch.Tensor, fixed: torch.Tensor | None,
+                            sizes: torch.Tensor, target: torch.Tensor, iters: int = 32, *,
+                            seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0,
+                            excl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``budget_mask`` over every cluster, with the per-key probabilities computed in the same launch from a
+    flat lookup's logits [B, Hk, Q, C] and partial log-normalisers [B, Hk, NB, Q] (their logsumexp over NB,
+    merged with ``fixed`` [B, Hk, Q] when given, is log Z_q): p_c = mean_q exp(logit_qc - log Z_q).
+    Returns keep [B, Hk, C] bool and those probabilities [B, Hk, C] float32."""
+    b, hk, nq, c = logits.shape
+    if parts.shape[:2] != (b, hk) or parts.shape[3] != nq:
+        raise ValueError(f"parts must be [B, Hk, NB, Q] = [{b}, {hk}, NB, {nq}]; got {tuple(parts.shape)}")
+    parts = parts.float().contiguous()
+    fixed = fixed.float().contiguous() if fixed is not None else None
+    if c > MAX_CLUSTERS:
+        logz = torch.logsumexp(parts, dim=2)
+        if fixed is not None:
+            logz = torch.logaddexp(logz, fixed)
+        probs = torch.exp(logits.float() - logz.unsqueeze(-1)).mean(dim=2)
+        return _fallback(probs, sizes, None, target, seglen, sink, window, excl), probs
+    probs = torch.empty(b, hk, c, dtype=torch.float32, device=logits.device)
+    keep = _launch(probs, sizes, None, target, iters, seglen, sink, window, excl, logits=logits.float().contiguous(),
+                   parts=parts, fixed=fixed)
+    return keep, probs

@@ -26,7 +26,7 @@ import os
 import torch
 import triton
 
-from .budget import budget_mask
+from .budget import budget_mask, budget_mask_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
 from .sparse_attention import kept_positions, segment_lows
 
@@ -43,7 +43,9 @@ def _interpret() -> bool:
 # (coarse; a flat lookup's fine level: flat_block_c); warps per program for block- and parent-grouped levels; coarse clusters per program at a
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
-          "parent_group_prefill": 16, "flat_block_c": 64}  # measured best on an H100 (docs/bench/README.md)
+          "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1}
+# measured best on an H100 (docs/bench/README.md); flat_tiles: blocks per program at a flat fine level (their
+# centroid loads pipelined over flat_stages stages)
 
 
 class _Level:
@@ -67,12 +69,17 @@ class _Level:
             warps = TUNING["block_warps"]
         else:
             warps = TUNING["parent_warps"] if self.rowwise else TUNING["parent_warps_prefill"]
-        self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps)
-        self.ncc = coff.shape[1] - 1 if coff is not None else 1
-        self.group = TUNING["parent_group"] if self.rowwise else TUNING["parent_group_prefill"]
-        if _interpret():
+        stages = TUNING["flat_stages"] if flat_fine and not _interpret() else 1
+        self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps, num_stages=stages)
+        if coff is not None:  # units: coarse parents, `group` per program
+            self.ncc = coff.shape[1] - 1
+            self.group = TUNING["parent_group"] if self.rowwise else TUNING["parent_group_prefill"]
+        else:  # units: blocks of block_c clusters; a flat fine level gives a program several (pipelined loads)
+            self.ncc = triton.cdiv(max(self.nc, 1), block_c)
+            self.group = TUNING["flat_tiles"] if flat_fine else 1
+        if _interpret() and (coff is not None or flat_fine):
             self.group = 2
-        self.nb = triton.cdiv(self.ncc, self.group) if coff is not None else triton.cdiv(max(self.nc, 1), block_c)
+        self.nb = triton.cdiv(self.ncc, self.group)
         self.nqc = 1 if self.nq <= 256 else triton.cdiv(self.nq, 256)  # prefill spreads queries over programs
         self.q_per = triton.cdiv(self.nq, self.nqc)
         self.grid = (self.nb, self.nqc, self.b * self.hk)
@@ -84,6 +91,7 @@ class _Level:
         return dict(HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=c["BLOCK_Q"],
                     BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=self.rowwise, NATIVE=self.native,
                     BY_PARENT=self.coff is not None, GROUP=self.group, num_warps=c["num_warps"],
+                    num_stages=c["num_stages"],
                     HAS_SPREAD=self.spread is not None), keepc, coff
 
     def _spread(self, dummy):
@@ -189,10 +197,11 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
-         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None):
+         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
-    length of every segment (sinks, fine clusters, window) there. ``always_keys`` = (keys, sink, window)
+    length of every segment (sinks, fine clusters, window) there, and in budget mode with ``excl`` (same
+    shape) their exclusive prefix sums. ``always_keys`` = (keys, sink, window)
     stands for ``fixed_logz = always_logz(q, keys, sink, window, scale)``, computed inside the first level's
     normaliser launch (coarse, or fine when flat) by extra programs."""
     _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision)
@@ -211,6 +220,10 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     if not hierarchical:
         fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread, flat_fine=True)
         part, _, logits = fine.lse(always=always_keys)  # with always_keys: the extra row is in the normaliser
+        if thr is None and logits is not None:  # budget, few queries: the probabilities in the budget launch
+            keep, probs = budget_mask_from_logits(logits, part, fixed_logz, fine_sizes, budget, seglen=seglen,
+                                                  sink=sink, window=window, excl=excl)
+            return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
         coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision, spread=coarse_spread)
@@ -231,7 +244,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         part_f, allowed, logits = fine.lse(keepc=keep_c)
         probs, keep, _ = fine.probs([part_f, dpart], keepc=keep_c, allowed=allowed, thr=thr, logits=logits, **seg)
     if thr is None:
-        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window)
+        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window, excl=excl)
     else:
         keep = keep.view(torch.bool)
     if seglen is not None and thr is not None and fine.nqc > 1:
@@ -353,14 +366,15 @@ def centroid_lookup_positions(
         seg_lows = segment_lows(fine_offsets, num_tokens, window_tokens)
     b, hk = q.shape[:2]
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
+    excl = torch.empty_like(seglen) if budget is not None else None  # budget mode: prefix sums in the search
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
                                fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
-                               always_keys=always_keys)
+                               always_keys=always_keys, excl=excl)
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
-                                      counter=counter)
+                                      counter=counter, excl=excl)
     if read is None:
         read = _read(None, b, hk, fine_centroids.shape[1], 0, q.device)
     return keep, read, pos, total

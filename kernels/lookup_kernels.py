@@ -75,14 +75,14 @@ def _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD: tl.conste
 @triton.jit
 def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Cluster range [lo, hi) of unit g of the program and whether it is active (int32 1): the fine clusters of
-    coarse cluster g (active when kept), or the program's block of BLOCK_C clusters. (Masks combine with
+    coarse cluster g (active when kept), or block g of BLOCK_C clusters. (Masks combine with
     ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
     if BY_PARENT:
         lo = tl.load(COFF + h * s_oh + g).to(tl.int32)
         hi = tl.load(COFF + h * s_oh + g + 1).to(tl.int32)
         active = (tl.load(KEEPC + b * s_kb + h * s_kh + g) != 0).to(tl.int32)
     else:
-        lo = pid_c * BLOCK_C
+        lo = g * BLOCK_C
         hi = tl.minimum(lo + BLOCK_C, NC)
         active = (lo < hi).to(tl.int32)
     return lo, hi, active
@@ -90,14 +90,11 @@ def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.const
 
 @triton.jit
 def _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT: tl.constexpr, GROUP: tl.constexpr):
-    """A program's units [g_lo, g_hi) (its GROUP coarse parents, or its one cluster block) and queries
-    [q_lo, q_hi) of its query chunk: the shared preamble of ``_lse_kernel`` and ``_prob_kernel``."""
-    if BY_PARENT:
-        g_lo = pid_c * GROUP
-        g_hi = tl.minimum(g_lo + GROUP, NCC)
-    else:
-        g_lo = 0
-        g_hi = 1
+    """A program's units [g_lo, g_hi) (its GROUP coarse parents, or its GROUP blocks of BLOCK_C clusters; NCC
+    units in all) and queries [q_lo, q_hi) of its query chunk: the shared preamble of ``_lse_kernel`` and
+    ``_prob_kernel``."""
+    g_lo = pid_c * GROUP
+    g_hi = tl.minimum(g_lo + GROUP, NCC)
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
     return g_lo, g_hi, q_lo, q_hi
@@ -150,6 +147,30 @@ def _always_part(Q, K, PART, s_qm, s_kh, s_kn, s_pk, q_base, part_base, h, pid_c
 
 
 @triton.jit
+def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC, LOGITS, s_gq, offs_cb, offs_d,
+              d_ok, scale, half_s2, DROPPED: tl.constexpr, STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
+              NATIVE: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """Online log-sum-exp (m, s) of a query tile over the clusters c0 .. c0 + BLOCK_C (those < hi; with DROPPED
+    only the dropped ones) of one head (pointers at its rows); with STORE_LOGITS the logits are stored too."""
+    offs_c = c0 + offs_cb
+    sel = offs_c < hi
+    if DROPPED:
+        sel = sel & (tl.load(KEEPC + offs_c, mask=sel, other=1) == 0)
+    cent = _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+    logn = tl.log(tl.load(SIZES + offs_c, mask=sel, other=1).to(tl.float32))
+    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
+    logits = _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD)
+    if STORE_LOGITS:
+        tl.store(LOGITS + offs_q[:, None] * s_gq + offs_c[None, :], logits, mask=q_ok[:, None] & sel[None, :])
+    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
+    m_new = tl.maximum(m, _max(t, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
 def _lse_kernel(
     Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
@@ -195,26 +216,23 @@ def _lse_kernel(
         qn2 = _qnorm2(qv)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
-        for g in range(g_lo, g_hi):
-            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
-            if active > 0:
-                for c0 in range(lo, hi, BLOCK_C):
-                    offs_c = c0 + offs_cb
-                    sel = offs_c < hi
-                    if DROPPED:
-                        sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
-                    cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
-                    logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=sel, other=1).to(tl.float32))
-                    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
-                    logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
-                    if STORE_LOGITS:
-                        tl.store(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :], logits,
-                                 mask=q_ok[:, None] & sel[None, :])
-                    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
-                    m_new = tl.maximum(m, _max(t, axis=1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
-                    m = m_new
+        if BY_PARENT:
+            for g in range(g_lo, g_hi):
+                lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+                if active > 0:
+                    for c0 in range(lo, hi, BLOCK_C):
+                        m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C + h * s_ch, s_cc,
+                                         SIZES + h * s_sh, SPREAD + h * s_vh, KEEPC + b * s_kb + h * s_kh,
+                                         LOGITS + b * s_gb + h * s_gh, s_gq, offs_cb, offs_d, d_ok, scale,
+                                         half_s2, DROPPED, STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD,
+                                         BLOCK_Q, BLOCK_C)
+        else:  # GROUP consecutive blocks: one straight loop, so the compiler can pipeline the centroid loads
+            hi = tl.minimum(g_hi * BLOCK_C, NC)
+            for c0 in range(g_lo * BLOCK_C, hi, BLOCK_C):
+                m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C + h * s_ch, s_cc, SIZES + h * s_sh,
+                                 SPREAD + h * s_vh, KEEPC + b * s_kb + h * s_kh, LOGITS + b * s_gb + h * s_gh,
+                                 s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED, STORE_LOGITS, ROWWISE,
+                                 NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s),
                  mask=q_ok & (offs_q * 0 + pid_c < NB))

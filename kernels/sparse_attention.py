@@ -184,15 +184,16 @@ def _sparse_attn_kernel(
 
 @triton.jit
 def _positions_kernel(
-    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT,
-    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah,
+    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT, EXCL,
+    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah, s_xb, s_xh,
     HK, R, NA, NCC, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
-    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
     with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
-    and sums the lengths before them itself (no second pass). With HAS_COUNT, the last block of each (b, h)
+    and sums the lengths before them itself (no second pass), or with HAS_EXCL reads their exclusive prefix
+    sums from EXCL (written by the budget search). With HAS_COUNT, the last block of each (b, h)
     adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC without HAS_READ) * CENT_BYTES to COUNT[0] and
     DENSE_BYTES to COUNT[1] (int64 atomics: exact and order-free)."""
     pid_s = tl.program_id(0)
@@ -202,14 +203,17 @@ def _positions_kernel(
     e_base = SEGLEN + b * s_eb + h * s_eh
     start = pid_s * BLOCK_S
     offs_p = tl.arange(0, BLOCK_P)
-    prefix = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
-    for k0 in range(0, start, BLOCK_P):  # keys kept before this block of segments
-        kk = k0 + offs_p
-        prefix += _sum(tl.load(e_base + kk, mask=kk < start, other=0), axis=0)
     offs = start + tl.arange(0, BLOCK_S)
     ok = offs < R
     ln = tl.load(e_base + offs, mask=ok, other=0)
-    excl = _cumsum(ln, axis=0) + prefix - ln
+    if HAS_EXCL:
+        excl = tl.load(EXCL + b * s_xb + h * s_xh + offs, mask=ok, other=0)
+    else:
+        prefix = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
+        for k0 in range(0, start, BLOCK_P):  # keys kept before this block of segments
+            kk = k0 + offs_p
+            prefix += _sum(tl.load(e_base + kk, mask=kk < start, other=0), axis=0)
+        excl = _cumsum(ln, axis=0) + prefix - ln
     lo = tl.load(LOWS + b * s_lb + h * s_lh + offs, mask=ok, other=0)
     offs_k = tl.arange(0, BLOCK_K)
     p_base = POS + b * s_pb + h * s_ph
@@ -217,7 +221,7 @@ def _positions_kernel(
         kk = k0 + offs_k
         tl.store(p_base + excl[:, None] + kk[None, :], lo[:, None] + kk[None, :], mask=kk[None, :] < ln[:, None])
     if start + BLOCK_S >= R:  # last block
-        kept = prefix + _sum(ln, axis=0) + tl.full([1], 0, tl.int32)
+        kept = _max(tl.where(ok, excl + ln, 0), axis=0) + tl.full([1], 0, tl.int32)  # the last segment's end
         cents = tl.full([1], 0, tl.int64) + NCC
         if HAS_READ:
             n = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
@@ -451,7 +455,7 @@ def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int
 
 
 def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int, allowed: torch.Tensor | None = None,
-                   num_coarse: int = 0, counter: tuple | None = None):
+                   num_coarse: int = 0, counter: tuple | None = None, excl: torch.Tensor | None = None):
     """Kept segment lengths -> sorted position of every kept key, without a host sync.
 
     Args:
@@ -463,6 +467,8 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         counter: optional ``(acc, token_bytes, centroid_bytes, dense_bytes)``: add, for every (b, h), the
             bytes read (kept keys * token_bytes + centroids scored * centroid_bytes) to ``acc[0]`` and
             ``dense_bytes`` to ``acc[1]`` (acc: int64 [2] on the device; the KV-budget accumulator).
+        excl: optional [B, Hk, R] int32 exclusive prefix sums of ``seglen`` (``budget.budget_mask(excl=)``
+            writes them), so the kernel need not sum the lengths before each block.
     Returns:
         pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head, and
         read [B, Hk] int64 = num_coarse + allowed fine clusters (None without ``allowed``).
@@ -477,13 +483,16 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
     acc, token_bytes, cent_bytes, dense_bytes = counter if counter is not None else (total, 0, 0, 0)
     if counter is not None and (acc.dtype != torch.int64 or acc.numel() < 2):
         raise ValueError(f"counter[0] must be an int64 tensor of 2 entries; got {acc.dtype} {tuple(acc.shape)}")
+    if excl is not None and excl.shape != seglen.shape:
+        raise ValueError(f"excl must have seglen's shape {tuple(seglen.shape)}; got {tuple(excl.shape)}")
+    exc = excl if excl is not None else seglen
     block_s = 64 if _interpret() else 256
     _positions_kernel[(triton.cdiv(r, block_s), b * hk)](
-        seglen, lows, pos, total, alw, read, acc,
+        seglen, lows, pos, total, alw, read, acc, exc,
         seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
-        pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1),
+        pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1), exc.stride(0), exc.stride(1),
         hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
-        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, BLOCK_S=block_s,
+        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None, BLOCK_S=block_s,
         BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16, num_warps=4,
     )
     return pos, total, (read if allowed is not None else None)

@@ -637,3 +637,56 @@ def test_budget_mask_multiway_search_matches_ref(monkeypatch, kway):
     probs, sizes, allowed, target = (x.to(DEV) for x in (probs, sizes, allowed, target))
     keep = budget_mask(probs, sizes, allowed, target)
     _assert_budget_equal(keep, ref.budget_mask_ref(probs, sizes, allowed, target), probs)
+
+
+@pytest.mark.parametrize("nq,with_fixed,c", [
+    pytest.param(1, False, 300, id="Q1"),
+    pytest.param(4, True, 300, id="Q4-fixed"),
+    pytest.param(3, False, 37, id="Q3-ragged-C37"),
+])
+def test_budget_from_logits_matches_probabilities_then_budget(monkeypatch, nq, with_fixed, c):
+    """The decode lookup's fused path: probabilities from the stored logits and partial normalisers in the
+    budget launch = the same formula in torch then ``budget_mask_ref``; the segment lengths and their prefix
+    sums are written, and the sorted fallback (past MAX_CLUSTERS) returns the same."""
+    from sqattn_index.kernels import budget as budget_mod
+    from sqattn_index.kernels.sparse_attention import kept_positions
+
+    gen = torch.Generator().manual_seed(nq + c)
+    b, hk, nb = 2, 3, 5
+    logits = 3 * torch.randn(b, hk, nq, c, generator=gen)
+    parts = 4 + torch.randn(b, hk, nb, nq, generator=gen)
+    parts[0, 0, 1] = float("-inf")  # an empty partial (a program with no clusters)
+    fixed = torch.randn(b, hk, nq, generator=gen) if with_fixed else None
+    sizes = torch.randint(1, 30, (hk, c), generator=gen)
+    target = 0.2 * sizes.sum(-1).float().expand(b, hk).clone()
+    logz = torch.logsumexp(parts, dim=2)
+    if with_fixed:
+        logz = torch.logaddexp(logz, fixed)
+    want = torch.exp(logits - logz.unsqueeze(-1)).mean(dim=2)
+    args = [x.to(DEV) if x is not None else None for x in (logits, parts, fixed, sizes, target)]
+    outs = []
+    for max_clusters in (budget_mod.MAX_CLUSTERS, 8):
+        monkeypatch.setattr(budget_mod, "MAX_CLUSTERS", max_clusters)
+        seglen = torch.full((b, hk, c + 2), -1, dtype=torch.int32, device=DEV)
+        excl = torch.full_like(seglen, -1)
+        keep, probs = budget_mod.budget_mask_from_logits(*args, seglen=seglen, sink=3, window=5, excl=excl)
+        assert torch.allclose(probs.cpu(), want, rtol=1e-5, atol=1e-12)
+        _assert_budget_equal(keep, ref.budget_mask_ref(want.to(DEV), args[3], torch.ones_like(keep), args[4]), want)
+        assert torch.equal(seglen[..., 1:-1].long(), torch.where(keep, args[3].unsqueeze(0), 0))
+        assert (seglen[..., 0] == 3).all() and (seglen[..., -1] == 5).all()
+        assert torch.equal(excl, torch.cumsum(seglen, dim=-1, dtype=torch.int32) - seglen)
+        outs.append((keep, seglen, excl))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+    seglen, excl = outs[0][1], outs[0][2]
+    lows = torch.cumsum(torch.full((hk, c + 2), 40, dtype=torch.int32), dim=1).to(DEV) - 40
+    pos, total, _ = kept_positions(seglen, lows, 40 * (c + 2))
+    pos2, total2, _ = kept_positions(seglen, lows, 40 * (c + 2), excl=excl)  # prefix sums given
+    assert torch.equal(total, total2) and torch.equal(total.long(), seglen.sum(-1))
+    for bi in range(b):
+        for h in range(hk):
+            t = int(total[bi, h])
+            assert torch.equal(pos[bi, h, :t], pos2[bi, h, :t])
+    with pytest.raises(ValueError, match="parts must be"):
+        budget_mod.budget_mask_from_logits(args[0], args[1][:, :1], None, args[3], args[4])
+    with pytest.raises(ValueError, match="excl must have"):
+        kept_positions(seglen, lows, 40 * (c + 2), excl=excl[..., :-1])
