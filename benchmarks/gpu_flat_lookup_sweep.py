@@ -26,7 +26,7 @@ def main() -> None:
     from sqattn_index.bench import SHAPES, BenchConfig, Timer, make_queries, synthetic_layer
     from sqattn_index.kernels import budget as bm
     from sqattn_index.kernels import lookup as lk
-    from sqattn_index.kernels.sparse_attention import segment_lows
+    from sqattn_index.kernels.positions import segment_lows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)

@@ -15,7 +15,7 @@ import torch
 def main(argv=None) -> int:
     from sqattn_index.bench import BenchConfig, calibrate, estimate_kwargs, make_queries, synthetic_layer
     from sqattn_index.kernels.lookup import _run
-    from sqattn_index.kernels.sparse_attention import kept_positions, segment_lows
+    from sqattn_index.kernels.positions import kept_positions, segment_lows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)

@@ -28,7 +28,7 @@ import triton
 
 from .budget import budget_mask, budget_mask_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
-from .sparse_attention import kept_positions, segment_lows
+from .positions import kept_positions, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
 
@@ -351,9 +351,9 @@ def centroid_lookup_positions(
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
 
     Extra args: fine_offsets [Hk, Cf + 1] int64, or seg_lows [Hk, Cf + 2] int32 from
-    ``sparse_attention.segment_lows`` (compute it once per layer); num_tokens N; sink_tokens; window_tokens;
+    ``positions.segment_lows`` (compute it once per layer); num_tokens N; sink_tokens; window_tokens;
     counter: ``(acc, token_bytes, centroid_bytes, dense_bytes)`` to add the bytes read and the dense bytes
-    to an int64 [2] accumulator on the device (``sparse_attention.kept_positions``); always_keys:
+    to an int64 [2] accumulator on the device (``positions.kept_positions``); always_keys:
     ``(keys [Hk, N, D], sink_tokens, window_tokens)`` instead of ``fixed_logz``: the same exact
     log-normaliser of the always-attended keys, computed by extra programs of the coarse level's first
     launch (one launch less than ``always_logz`` + lookup).

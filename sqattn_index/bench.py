@@ -222,7 +222,8 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
     """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]; ``budgets``
     (fine, coarse) [1, Hk] selects by budget instead of the thresholds."""
     from .kernels.lookup import centroid_lookup_positions
-    from .kernels.sparse_attention import segment_lows, sparse_attention_positions
+    from .kernels.positions import segment_lows
+    from .kernels.sparse_attention import sparse_attention_positions
 
     b, hq, t, d = q.shape
     hk, n = layer.keys.shape[:2]

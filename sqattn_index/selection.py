@@ -121,7 +121,7 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
     Returns pos [B, Hk, N] int32 (sorted positions, first ``total`` valid) and total [B, Hk] int32; with
     ``spec.dense`` every position (nothing is counted then)."""
     from .kernels.lookup import centroid_lookup_positions
-    from .kernels.sparse_attention import segment_lows
+    from .kernels.positions import segment_lows
 
     b, hk, n = q.shape[0], layer.num_kv_heads, layer.num_tokens
     if spec.dense:

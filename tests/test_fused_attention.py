@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # must happen before any Triton kernel is def
 
 from sqattn_index.kernels import reference as ref  # noqa: E402
 from sqattn_index.kernels.fused_attention import sparse_attention_with_new_tokens  # noqa: E402
-from sqattn_index.kernels.sparse_attention import kept_positions  # noqa: E402
+from sqattn_index.kernels.positions import kept_positions  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

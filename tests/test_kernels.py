@@ -649,7 +649,7 @@ def test_budget_from_logits_matches_probabilities_then_budget(monkeypatch, nq, w
     budget launch = the same formula in torch then ``budget_mask_ref``; the segment lengths and their prefix
     sums are written, and the sorted fallback (past MAX_CLUSTERS) returns the same."""
     from sqattn_index.kernels import budget as budget_mod
-    from sqattn_index.kernels.sparse_attention import kept_positions
+    from sqattn_index.kernels.positions import kept_positions
 
     gen = torch.Generator().manual_seed(nq + c)
     b, hk, nb = 2, 3, 5
