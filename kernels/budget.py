@@ -5,10 +5,13 @@ One program per (question, KV head) holds the head's clusters in registers and s
 log-probability threshold: the kept key count of ``p >= t`` only falls as ``t`` rises, so the largest ``t``
 whose count still reaches the target keeps exactly the clusters the sort-based reference keeps (the top ones
 up to and including the cluster that reaches the target), up to clusters whose probabilities tie within the
-search's resolution (2^-32 of the log-probability range by default). Each round tests ``KWAY`` thresholds
-with one reduction, so the search is 11 dependent rounds instead of 32 halvings (the rounds' reductions
-across the program's warps are its latency). One launch replaces the reference's sort, cumsum and scatter,
-and it stays CUDA-graph capturable.
+search's resolution. Each round tests ``KWAY`` thresholds with one reduction (at KWAY = 2 a round is
+log2(3) halvings: at most 21 rounds for the default 2^-32 of the log-probability range), and the search
+stops as soon as no float lies strictly between its bounds, usually after 15-17 rounds (the rounds'
+reductions across the program's warps are its latency). One launch replaces the reference's sort, cumsum
+and scatter, and it stays CUDA-graph capturable. For a flat decode lookup the same launch also computes
+the probabilities from the stored logits (``budget_mask_from_logits``), and with ``excl`` it writes the
+prefix sums of the kept segment lengths that ``positions.kept_positions`` would otherwise sum itself.
 """
 
 from __future__ import annotations
