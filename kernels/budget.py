@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lookup_kernels import _reduce_parts
+from .lookup_kernels import _logaddexp, _reduce_parts
 from .sparse_attention import _cumsum, _max, _sum
 
 __all__ = ["budget_mask", "budget_mask_from_logits"]
@@ -38,10 +38,7 @@ def _probs_from_logits(LOGITS, PART, FIXED, s_gq, s_pk, NQ, NB, c, ok, HAS_FIXED
     q_ok = offs_q < NQ
     logz = _reduce_parts(PART, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
     if HAS_FIXED:
-        fz = tl.load(FIXED + offs_q, mask=q_ok, other=float("-inf"))
-        top = tl.maximum(logz, fz)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        logz = top + tl.log(tl.exp(logz - top) + tl.exp(fz - top))
+        logz = _logaddexp(logz, tl.load(FIXED + offs_q, mask=q_ok, other=float("-inf")))
     p = tl.full([BLOCK], 0.0, tl.float32)
     for qi in range(NQ):
         lz = _sum(tl.where(offs_q == qi, logz, 0.0), axis=0)

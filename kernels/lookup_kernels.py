@@ -73,7 +73,7 @@ def _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD: tl.conste
 
 
 @triton.jit
-def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Cluster range [lo, hi) of unit g of the program and whether it is active (int32 1): the fine clusters of
     coarse cluster g (active when kept), or block g of BLOCK_C clusters. (Masks combine with
     ``offs * 0 + active > 0``: the interpreter mistypes ``bool vector & bool scalar``.)"""
@@ -89,7 +89,7 @@ def _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT: tl.const
 
 
 @triton.jit
-def _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT: tl.constexpr, GROUP: tl.constexpr):
+def _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, GROUP: tl.constexpr):
     """A program's units [g_lo, g_hi) (its GROUP coarse parents, or its GROUP blocks of BLOCK_C clusters; NCC
     units in all) and queries [q_lo, q_hi) of its query chunk: the shared preamble of ``_lse_kernel`` and
     ``_prob_kernel``."""
@@ -98,6 +98,14 @@ def _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT: tl.constexpr, 
     q_lo = pid_q * Q_PER_PROG
     q_hi = tl.minimum(q_lo + Q_PER_PROG, NQ)
     return g_lo, g_hi, q_lo, q_hi
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)) elementwise, -inf where both are -inf."""
+    top = tl.maximum(a, b)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
 
 
 @triton.jit
@@ -195,16 +203,18 @@ def _lse_kernel(
                          h, pid_c, q_lo, tl.minimum(q_lo + Q_PER_PROG, NQ), N, SINK, WINDOW, scale,
                          tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < HEAD_DIM, BLOCK_Q, BLOCK_C, ROWWISE,
                          NATIVE, PRECISION)
-    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT, GROUP)
+    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b * s_qb + h * s_qh
+    c_h, sizes_h, spread_h = C + h * s_ch, SIZES + h * s_sh, SPREAD + h * s_vh  # this head's rows
+    keepc_h, logits_h = KEEPC + b * s_kb + h * s_kh, LOGITS + b * s_gb + h * s_gh
     if BY_PARENT:
         if pid_q == 0:
             for g in range(g_lo, g_hi):
-                lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+                lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
                 for c0 in range(lo, hi, BLOCK_C):
                     offs_c = c0 + offs_cb
                     tl.store(ALLOWED + b * s_ab + h * s_ah + offs_c, (offs_c * 0 + active).to(tl.uint8),
@@ -218,21 +228,18 @@ def _lse_kernel(
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
         if BY_PARENT:
             for g in range(g_lo, g_hi):
-                lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+                lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
                 if active > 0:
                     for c0 in range(lo, hi, BLOCK_C):
-                        m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C + h * s_ch, s_cc,
-                                         SIZES + h * s_sh, SPREAD + h * s_vh, KEEPC + b * s_kb + h * s_kh,
-                                         LOGITS + b * s_gb + h * s_gh, s_gq, offs_cb, offs_d, d_ok, scale,
-                                         half_s2, DROPPED, STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD,
-                                         BLOCK_Q, BLOCK_C)
+                        m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h,
+                                         keepc_h, logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED,
+                                         STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
         else:  # GROUP consecutive blocks: one straight loop, so the compiler can pipeline the centroid loads
             hi = tl.minimum(g_hi * BLOCK_C, NC)
             for c0 in range(g_lo * BLOCK_C, hi, BLOCK_C):
-                m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C + h * s_ch, s_cc, SIZES + h * s_sh,
-                                 SPREAD + h * s_vh, KEEPC + b * s_kb + h * s_kh, LOGITS + b * s_gb + h * s_gh,
-                                 s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED, STORE_LOGITS, ROWWISE,
-                                 NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
+                m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h, keepc_h,
+                                 logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED, STORE_LOGITS,
+                                 ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s),
                  mask=q_ok & (offs_q * 0 + pid_c < NB))
@@ -260,7 +267,7 @@ def _prob_kernel(
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, BY_PARENT, GROUP)
+    g_lo, g_hi, q_lo, q_hi = _program_ranges(pid_c, pid_q, NCC, NQ, Q_PER_PROG, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_cb = tl.arange(0, BLOCK_C)
     offs_qb = tl.arange(0, BLOCK_Q)
@@ -276,21 +283,17 @@ def _prob_kernel(
             logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB1, offs_q, q_ok, BLOCK_P, BLOCK_Q)
             if HAS_PART2:
                 logz2 = _reduce_parts(PART2 + b * s_p2b + h * s_p2h, s_p2k, NB2, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-                top = tl.maximum(logz, logz2)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                logz = top + tl.log(tl.exp(logz - top) + tl.exp(logz2 - top))
+                logz = _logaddexp(logz, logz2)
         else:
             logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
         if HAS_FIXED:  # exact log-normaliser of the always-attended keys
             fz = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
-            top = tl.maximum(logz, fz)
-            top = tl.where(top == float("-inf"), 0.0, top)
-            logz = top + tl.log(tl.exp(logz - top) + tl.exp(fz - top))
+            logz = _logaddexp(logz, fz)
         logz = tl.where(q_ok, logz, 0.0)
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
         qn2 = _qnorm2(qv)
         for g in range(g_lo, g_hi):
-            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
                 offs_c = c0 + offs_cb
                 c_ok = offs_c < hi
@@ -312,7 +315,7 @@ def _prob_kernel(
     if FINISH:  # one query chunk (pid_q == 0): probabilities and decisions here
         tl.debug_barrier()  # the rows this program's threads wrote
         for g in range(g_lo, g_hi):
-            lo, hi, active = _unit(g, pid_c, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
+            lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
                 offs_c = c0 + offs_cb
                 c_ok = offs_c < hi
