@@ -3,14 +3,14 @@
 
 Synthetic clustered layer of ``sqattn_index.bench`` (16 keys per fine cluster, 16 fine per coarse), one decode
 token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup (positions included) and of
-the flat level's normaliser launch alone for each (flat_block_c, flat_tiles, flat_stages, block_warps) of
-``kernels.lookup.TUNING`` (a program scores ``flat_tiles`` blocks of ``flat_block_c`` centroids, its loads
-pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per round (``budget.KWAY``)
+the flat level's normaliser launch alone, first with the default ``kernels.lookup.TUNING``, then for each
+(flat_block_c, blocks per program, flat_stages, warps) (a program scores that many blocks of ``flat_block_c``
+centroids, its loads pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per round (``budget.KWAY``)
 with the best setting, and the hierarchical lookup at coarse slack 3. The last line per shape is the best
 setting as JSON. (A version that also wrote the kept positions inside the budget kernel, one program per
 head, was slower: 126 against 94 us at Llama-2-7B 128K; docs/bench/README.md.)
 
-    python benchmarks/gpu_flat_lookup_sweep.py [--context 131072]
+    python benchmarks/gpu_flat_lookup_sweep.py [--context 131072] [--default-only]
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--keep", type=float, default=0.1)
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
+    ap.add_argument("--default-only", action="store_true", help="time only the default TUNING")
+    ap.add_argument("--variants", default=None,
+                    help='JSON list of TUNING overrides to time against the default instead of the grid (key '
+                         '"budget_warps": budget.WARPS, "slack": the search slack); the best is written to --best')
+    ap.add_argument("--best", default=None, help="with --variants: write the fastest variant here as JSON")
     args = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, 30)
@@ -65,9 +70,36 @@ def main() -> None:
 
         cf = layer.fine_centroids.shape[1]
         mb = hk * cf * (d * 2 + 4) / 1e6
+        lk.TUNING.update(default)
+        print(f"{shape} N={n} flat budget lookup, default TUNING (blocks per program by the program-count rule): "
+              f"{timer(flat) * 1e3:6.1f} us; normaliser launch {timer(lse_only) * 1e3:6.1f} us", flush=True)
+        if args.default_only:
+            continue
+        if args.variants is not None:
+            timed = []
+            for v in [{}] + json.loads(args.variants):
+                tuning = {k: x for k, x in v.items() if k not in ("budget_warps", "slack")}
+                lk.TUNING.update(default, **tuning)
+                bm.WARPS = v.get("budget_warps")
+                slack = v.get("slack", 0.0)
+                ms = timer(lambda: lk.centroid_lookup_positions(*base, budget, None, scale, False,
+                                                                budget_slack=slack, **kw))
+                print(f"{shape} N={n} flat budget lookup variant {json.dumps(v)}: {ms * 1e3:6.1f} us; normaliser "
+                      f"launch {timer(lse_only) * 1e3:6.1f} us", flush=True)
+                timed.append((ms, v))
+            lk.TUNING.update(default)
+            bm.WARPS = None
+            best_v = min(timed, key=lambda r: r[0])[1]
+            print(f"{shape} best variant: {json.dumps(best_v)}", flush=True)
+            if args.best:
+                with open(args.best.replace("SHAPE", shape), "w") as fh:
+                    json.dump(best_v, fh)
+            continue
         results = []
         for bc, tiles, stages, bw in itertools.product((32, 64), (1, 2, 4, 8), (1, 3), (2, 4)):
-            setting = dict(flat_block_c=bc, flat_tiles=tiles, flat_stages=stages, block_warps=bw)
+            # flat_programs=1 makes the rule give exactly flat_tiles_max blocks per program
+            setting = dict(flat_block_c=bc, flat_tiles_max=tiles, flat_programs=1, flat_stages=stages,
+                           flat_warps=bw, flat_warps_one_query=bw)
             lk.TUNING.update(default, **setting)
             try:
                 ms, lse_ms = timer(flat), timer(lse_only)

@@ -51,7 +51,7 @@ def _probs_from_logits(LOGITS, PART, FIXED, s_gq, s_pk, NQ, NB, c, ok, HAS_FIXED
 def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, FIXED,
                    s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh, s_eb, s_eh, s_xb, s_xh,
                    s_gb, s_gh, s_gq, s_rb, s_rh, s_rk, s_fb, s_fh,
-                   HK, NC, NQ, NB, sink_len, window_len, ITERS: tl.constexpr, KWAY: tl.constexpr,
+                   HK, NC, NQ, NB, sink_len, window_len, slack, ITERS: tl.constexpr, KWAY: tl.constexpr,
                    BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
                    WRITE_EXCL: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_FIXED: tl.constexpr,
                    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -80,15 +80,18 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
     # kept); count(lp >= hi) < target.
     lo = (-_max(tl.where(ok, -lp, float("-inf")), axis=0)).to(tl.float32)
     hi = (_max(lp, axis=0) + 1.0).to(tl.float32)
+    kept_lo = _sum(sz, axis=0)  # count(lp >= lo): every allowed key
+    enough = target * (1.0 + slack)  # with slack > 0 the search may stop once count(lo) <= this
     # Each round tests KWAY thresholds at once (one reduction of a [KWAY, BLOCK] tile instead of KWAY
     # dependent ones) and keeps the (KWAY + 1)-th of the interval between the last that still reaches the
     # target and the first that does not. The search ends after ITERS rounds or as soon as no float lies
     # strictly between lo and hi (their midpoint rounds onto one of them): then no log-probability can either,
-    # and the decisions are final (usually 15-17 rounds instead of ITERS = 21).
+    # and the decisions are final (usually 15-17 rounds instead of ITERS = 21). With slack > 0 it also ends
+    # once lo keeps at most (1 + slack) x target keys: a superset of the exact selection, within that bound.
     frac = (tl.arange(0, KWAY) + 1).to(tl.float32) / (KWAY + 1)
     it = 0
     mid = lo + (hi - lo) * 0.5
-    while (it < ITERS) & (mid > lo) & (mid < hi):
+    while (it < ITERS) & (mid > lo) & (mid < hi) & ((slack == 0.0) | (kept_lo > enough)):
         cand = lo + (hi - lo) * frac  # [KWAY] increasing thresholds inside (lo, hi)
         kept = _sum(tl.where(lp[None, :] >= cand[:, None], sz[None, :], 0.0), axis=1)  # [KWAY], non-increasing
         take = kept >= target
@@ -96,6 +99,7 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
         new_lo = _max(tl.where(take, cand, float("-inf")), axis=0)
         new_hi = -_max(tl.where(take, float("-inf"), -cand), axis=0)
         lo = tl.where(n_take > 0, new_lo, lo).to(tl.float32)
+        kept_lo = tl.where(n_take > 0, -_max(tl.where(take, -kept, float("-inf")), axis=0), kept_lo)
         hi = tl.where(n_take < KWAY, new_hi, hi).to(tl.float32)
         mid = lo + (hi - lo) * 0.5
         it += 1
@@ -117,6 +121,7 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
 
 
 MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
+WARPS = None  # warps per program (None: BLOCK / 512, clamped to 4..16); a launch setting for sweeps
 KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 sweep: 2 beats 1, 4 and 8;
 # benchmarks/gpu_flat_lookup_sweep.py, docs/bench/README.md)
 
@@ -137,7 +142,14 @@ def _fallback(probs, sizes, allowed, target, seglen, sink, window, excl):
     return keep
 
 
-def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, logits=None, parts=None, fixed=None):
+def _check_slack(slack) -> float:
+    if not isinstance(slack, (int, float)) or isinstance(slack, bool) or not 0.0 <= slack < float("inf"):
+        raise ValueError(f"slack must be a finite number >= 0 (0: the exact selection); got {slack!r}")
+    return float(slack)
+
+
+def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, logits=None, parts=None, fixed=None,
+            slack=0.0):
     b, hk, c = probs.shape
     if allowed is not None:
         allowed = (allowed.view(torch.uint8) if allowed.dtype == torch.bool else allowed.to(torch.uint8)).contiguous()
@@ -157,18 +169,18 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         probs.stride(0), probs.stride(1), sizes.stride(0), alw.stride(0), alw.stride(1), target.stride(0),
         target.stride(1), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), exc.stride(0),
         exc.stride(1), lg.stride(0), lg.stride(1), lg.stride(2), pt.stride(0), pt.stride(1), pt.stride(2),
-        fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window,
+        fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window, _check_slack(slack),
         ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
-        BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=min(16, max(4, block // 512)),
+        BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or min(16, max(4, block // 512)),
     )
     return keep.view(torch.bool)
 
 
 def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor | None, target: torch.Tensor,
                 iters: int = 32, *, seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0,
-                excl: torch.Tensor | None = None) -> torch.Tensor:
+                excl: torch.Tensor | None = None, slack: float = 0.0) -> torch.Tensor:
     """Keep clusters in descending per-key probability until ``target`` keys are kept (the threshold is
     searched until no float lies between its bounds, at most to a resolution of ``2 ** -iters`` of the
     log-probability range).
@@ -177,20 +189,26 @@ def budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor 
     target [B, Hk] keys. Returns keep [B, Hk, C] bool. Clusters with probability 0 are kept only when the
     target needs them, as in the reference (it ranks them last). ``seglen`` [B, Hk, C + 2] int32: also write
     the kept segment lengths there (``sink``, kept cluster sizes, ``window``), as the lookup's positions need;
-    ``excl`` (same shape, with ``seglen``): also their exclusive prefix sums."""
+    ``excl`` (same shape, with ``seglen``): also their exclusive prefix sums. ``slack`` > 0 lets the search
+    stop early, once its threshold keeps at most ``(1 + slack) * target`` keys: the kept clusters are then the
+    exact selection plus possibly the next ones in probability order, within that bound (0: exact; the
+    sorted fallback past ``MAX_CLUSTERS`` is always exact)."""
+    slack = _check_slack(slack)
     if probs.shape[-1] > MAX_CLUSTERS:
         return _fallback(probs, sizes, allowed, target, seglen, sink, window, excl)
-    return _launch(probs.float().contiguous(), sizes, allowed, target, iters, seglen, sink, window, excl)
+    return _launch(probs.float().contiguous(), sizes, allowed, target, iters, seglen, sink, window, excl,
+                   slack=slack)
 
 
 def budget_mask_from_logits(logits: torch.Tensor, parts: torch.Tensor, fixed: torch.Tensor | None,
                             sizes: torch.Tensor, target: torch.Tensor, iters: int = 32, *,
                             seglen: torch.Tensor | None = None, sink: int = 0, window: int = 0,
-                            excl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            excl: torch.Tensor | None = None, slack: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``budget_mask`` over every cluster, with the per-key probabilities computed in the same launch from a
     flat lookup's logits [B, Hk, Q, C] and partial log-normalisers [B, Hk, NB, Q] (their logsumexp over NB,
     merged with ``fixed`` [B, Hk, Q] when given, is log Z_q): p_c = mean_q exp(logit_qc - log Z_q).
-    Returns keep [B, Hk, C] bool and those probabilities [B, Hk, C] float32."""
+    Returns keep [B, Hk, C] bool and those probabilities [B, Hk, C] float32. ``slack``: as in ``budget_mask``."""
+    slack = _check_slack(slack)
     b, hk, nq, c = logits.shape
     if parts.shape[:2] != (b, hk) or parts.shape[3] != nq:
         raise ValueError(f"parts must be [B, Hk, NB, Q] = [{b}, {hk}, NB, {nq}]; got {tuple(parts.shape)}")
@@ -204,5 +222,5 @@ def budget_mask_from_logits(logits: torch.Tensor, parts: torch.Tensor, fixed: to
         return _fallback(probs, sizes, None, target, seglen, sink, window, excl), probs
     probs = torch.empty(b, hk, c, dtype=torch.float32, device=logits.device)
     keep = _launch(probs, sizes, None, target, iters, seglen, sink, window, excl, logits=logits.float().contiguous(),
-                   parts=parts, fixed=fixed)
+                   parts=parts, fixed=fixed, slack=slack)
     return keep, probs

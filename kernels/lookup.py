@@ -43,9 +43,14 @@ def _interpret() -> bool:
 # (coarse; a flat lookup's fine level: flat_block_c); warps per program for block- and parent-grouped levels; coarse clusters per program at a
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
-          "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1}
-# measured best on an H100 (docs/bench/README.md); flat_tiles: blocks per program at a flat fine level (their
-# centroid loads pipelined over flat_stages stages)
+          "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
+          "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
+          "decode_dot_min_q": 2}
+# measured best on an H100 (docs/bench/README.md). A flat fine level gives a program several blocks of
+# flat_block_c centroids (loads pipelined over flat_stages stages): in decode as many as keep about
+# flat_programs programs in flight (at most flat_tiles_max; the session-5 sweep's best at Llama-2-7B and
+# Llama-3-8B 128K, 8 and 2 blocks, both give 512), flat_warps warps (flat_warps_one_query with one query row
+# per KV head, where 2 warps spill); prefill keeps flat_tiles per program and block_warps.
 
 
 class _Level:
@@ -57,26 +62,36 @@ class _Level:
         self.spread = spread.float().contiguous() if spread is not None else None
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
-        self.rowwise = self.nq <= 16
-        self.native = (not self.rowwise and q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16)
-                       and not _interpret())
+        self.few = self.nq <= 16  # decode: logits stored for the next launch, decode launch settings
+        sixteen = q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16)
+        # few queries score on CUDA cores row by row, or (16-bit, at least decode_dot_min_q of them) with one
+        # tensor-core dot padded to 16 rows (H100, 128K: faster at 4 queries per KV head, slower at 1)
+        dot = sixteen and self.nq >= TUNING["decode_dot_min_q"] and not _interpret()
+        self.rowwise = self.few and not dot
+        self.native = not self.rowwise and sixteen and not _interpret()
         if self.rowwise:
-            block_q = max(2, triton.next_power_of_2(self.nq))
+            block_q = max(2, triton.next_power_of_2(self.nq))  # 1 row: fewer registers but slower (session 5)
         else:
-            block_q = 16 if _interpret() else 64
+            block_q = 16 if (_interpret() or self.few) else 64
         block_c = 16 if (_interpret() or coff is not None) else TUNING["flat_block_c" if flat_fine else "block_c"]
-        if coff is None:
+        flat_decode = flat_fine and self.few and not _interpret()
+        if flat_decode:
+            warps = TUNING["flat_warps_one_query" if self.nq == 1 else "flat_warps"]
+        elif coff is None:
             warps = TUNING["block_warps"]
         else:
-            warps = TUNING["parent_warps"] if self.rowwise else TUNING["parent_warps_prefill"]
+            warps = TUNING["parent_warps"] if self.few else TUNING["parent_warps_prefill"]
         stages = TUNING["flat_stages"] if flat_fine and not _interpret() else 1
         self.cfg = dict(BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4 if _interpret() else warps, num_stages=stages)
         if coff is not None:  # units: coarse parents, `group` per program
             self.ncc = coff.shape[1] - 1
-            self.group = TUNING["parent_group"] if self.rowwise else TUNING["parent_group_prefill"]
+            self.group = TUNING["parent_group"] if self.few else TUNING["parent_group_prefill"]
         else:  # units: blocks of block_c clusters; a flat fine level gives a program several (pipelined loads)
             self.ncc = triton.cdiv(max(self.nc, 1), block_c)
             self.group = TUNING["flat_tiles"] if flat_fine else 1
+            if flat_decode:
+                per = self.ncc * self.b * self.hk // TUNING["flat_programs"]
+                self.group = min(TUNING["flat_tiles_max"], 1 << max(per, 1).bit_length() - 1)
         if _interpret() and (coff is not None or flat_fine):
             self.group = 2
         self.nb = triton.cdiv(self.ncc, self.group)
@@ -110,7 +125,7 @@ class _Level:
         part = torch.empty(self.b, self.hk, nb, self.nq, dtype=torch.float32, device=dev)
         by_parent = self.coff is not None
         allowed = torch.empty(self.b, self.hk, self.nc, dtype=torch.uint8, device=dev) if by_parent else part
-        store = self.rowwise and not dropped
+        store = self.few and not dropped
         logits = torch.empty(self.b, self.hk, self.nq, self.nc, dtype=torch.float32, device=dev) if store else part
         common, keepc, coff = self._common(keepc if keepc is not None else part)
         spread = self._spread(self.sizes)
@@ -197,7 +212,7 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
-         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None):
+         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None, budget_slack=0.0):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
     length of every segment (sinks, fine clusters, window) there, and in budget mode with ``excl`` (same
@@ -222,7 +237,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         part, _, logits = fine.lse(always=always_keys)  # with always_keys: the extra row is in the normaliser
         if thr is None and logits is not None:  # budget, few queries: the probabilities in the budget launch
             keep, probs = budget_mask_from_logits(logits, part, fixed_logz, fine_sizes, budget, seglen=seglen,
-                                                  sink=sink, window=window, excl=excl)
+                                                  sink=sink, window=window, excl=excl, slack=budget_slack)
             return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
@@ -244,7 +259,8 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         part_f, allowed, logits = fine.lse(keepc=keep_c)
         probs, keep, _ = fine.probs([part_f, dpart], keepc=keep_c, allowed=allowed, thr=thr, logits=logits, **seg)
     if thr is None:
-        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window, excl=excl)
+        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window, excl=excl,
+                           slack=budget_slack)
     else:
         keep = keep.view(torch.bool)
     if seglen is not None and thr is not None and fine.nqc > 1:
@@ -346,6 +362,7 @@ def centroid_lookup_positions(
     precision: str = "ieee",
     counter: tuple | None = None,
     always_keys: tuple | None = None,
+    budget_slack: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
@@ -356,7 +373,8 @@ def centroid_lookup_positions(
     to an int64 [2] accumulator on the device (``positions.kept_positions``); always_keys:
     ``(keys [Hk, N, D], sink_tokens, window_tokens)`` instead of ``fixed_logz``: the same exact
     log-normaliser of the always-attended keys, computed by extra programs of the coarse level's first
-    launch (one launch less than ``always_logz`` + lookup).
+    launch (one launch less than ``always_logz`` + lookup); budget_slack: the fine budget search may stop once
+    it keeps at most (1 + budget_slack) x budget keys (``budget.budget_mask``'s ``slack``; 0: exact).
     Returns:
         keep [B, Hk, Cf] bool, centroids_read [B, Hk] int64, pos [B, Hk, N] int32, total [B, Hk] int32.
     """
@@ -371,7 +389,7 @@ def centroid_lookup_positions(
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
                                fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
-                               always_keys=always_keys, excl=excl)
+                               always_keys=always_keys, excl=excl, budget_slack=budget_slack)
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
                                       counter=counter, excl=excl)

@@ -33,6 +33,7 @@ class SqueezeConfig:
     per_token_selection: bool = True  # multi-token forwards: each token selects its own clusters (as decode does)
     recluster_share: float = 0.25  # insert: full re-cluster once appended tokens pass this share of the corpus
     selection: str = "budget"  # "budget" (top clusters, exact fraction) or "threshold" (calibrated; docs/eval)
+    budget_slack: float = 0.0  # budget, Triton: the search may stop once it keeps <= (1 + this) x the budget
     variance_term: bool = True  # estimate adds s^2 |q|^2 v_c / 2 per cluster (v_c: key variance), docs/eval
     always_in_normaliser: bool = True  # estimate's normaliser includes the exact sink + window terms
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
@@ -65,6 +66,8 @@ class SqueezeConfig:
         for name in ("variance_term", "always_in_normaliser", "hierarchical", "per_token_selection", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SqueezeConfig.{name} must be True or False; got {getattr(self, name)!r}.")
+        if not isinstance(self.budget_slack, (int, float)) or not 0.0 <= self.budget_slack < 1.0:
+            raise ConfigError(f"budget_slack must lie in [0, 1) (0: the exact top clusters); got {self.budget_slack!r}.")
         if self.coarse_slack < 1.0:
             raise ConfigError(f"coarse_slack must be >= 1; got {self.coarse_slack!r}.")
 

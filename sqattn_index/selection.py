@@ -28,12 +28,13 @@ class SelectionSpec:
     coarse_slack: float = 10.0
     variance_term: bool = True
     always_in_normaliser: bool = True
+    budget_slack: float = 0.0  # Triton budget search only (the torch path is exact, which is within the bound)
 
     @classmethod
     def from_config(cls, keep: float, config: SqueezeConfig) -> "SelectionSpec":
         return cls(keep=check_keep(keep), mode=config.selection, hierarchical=config.hierarchical,
                    coarse_slack=config.coarse_slack, variance_term=config.variance_term,
-                   always_in_normaliser=config.always_in_normaliser)
+                   always_in_normaliser=config.always_in_normaliser, budget_slack=config.budget_slack)
 
     @property
     def dense(self) -> bool:
@@ -141,7 +142,7 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
         grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
         layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
         hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
-        window_tokens=layer.window_tokens, counter=counter, **terms)
+        window_tokens=layer.window_tokens, counter=counter, budget_slack=spec.budget_slack, **terms)
     return pos, total
 
 

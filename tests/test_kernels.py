@@ -690,3 +690,34 @@ def test_budget_from_logits_matches_probabilities_then_budget(monkeypatch, nq, w
         budget_mod.budget_mask_from_logits(args[0], args[1][:, :1], None, args[3], args[4])
     with pytest.raises(ValueError, match="excl must have"):
         kept_positions(seglen, lows, 40 * (c + 2), excl=excl[..., :-1])
+
+
+@pytest.mark.parametrize("slack", [1 / 128, 0.05, 0.5])
+def test_budget_mask_slack_keeps_a_bounded_superset(slack):
+    """With slack the search may stop early: the kept clusters contain the exact selection, are a prefix of
+    the probability order (every kept cluster outranks every dropped one), and hold at most
+    (1 + slack) x target keys unless the exact selection already does more."""
+    gen = torch.Generator().manual_seed(int(slack * 1000))
+    b, hk, c = 2, 3, 500
+    probs = torch.exp(-10 * torch.rand(b, hk, c, generator=gen))
+    sizes = torch.randint(1, 30, (hk, c), generator=gen)
+    allowed = torch.rand(b, hk, c, generator=gen) < 0.9
+    target = 0.1 * (sizes.unsqueeze(0) * allowed).sum(-1).float()
+    probs, sizes, allowed, target = (x.to(DEV) for x in (probs, sizes, allowed, target))
+    keep = budget_mask(probs, sizes, allowed, target, slack=slack).cpu()
+    exact = ref.budget_mask_ref(probs, sizes, allowed, target).cpu()
+    probs, sizes, allowed, target = probs.cpu(), sizes.cpu(), allowed.cpu(), target.cpu()
+    assert not (keep & ~allowed).any()
+    assert (keep | ~exact).all()  # superset of the exact selection
+    kept = (keep * sizes.unsqueeze(0)).sum(-1).float()
+    exact_kept = (exact * sizes.unsqueeze(0)).sum(-1).float()
+    assert (kept <= torch.maximum((1 + slack) * target, exact_kept)).all()
+    if slack >= 0.5:  # this seed: the search stops early on some head (a real superset)
+        assert (kept > exact_kept).any()
+    for bi in range(b):
+        for h in range(hk):
+            k, a = keep[bi, h], allowed[bi, h]
+            if k.any() and (a & ~k).any():
+                assert probs[bi, h][k].min() >= probs[bi, h][a & ~k].max()
+    with pytest.raises(ValueError, match="slack must be"):
+        budget_mask(probs.to(DEV), sizes.to(DEV), allowed.to(DEV), target.to(DEV), slack=-0.1)
