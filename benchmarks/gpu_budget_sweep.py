@@ -18,10 +18,9 @@ import torch
 
 
 def main() -> None:
-    from sqattn_index.bench import SHAPES, BenchConfig, Timer, make_queries, synthetic_layer
+    from gpu_flat_lookup_sweep import DecodeCase  # this folder: scripts run as python benchmarks/...
+    from sqattn_index.bench import Timer
     from sqattn_index.kernels import budget as bm
-    from sqattn_index.kernels import lookup as lk
-    from sqattn_index.kernels.positions import segment_lows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)
@@ -32,18 +31,10 @@ def main() -> None:
     slacks = [float(s) for s in args.slacks.split(",")]
     dev = torch.device("cuda")
     timer = Timer(dev, 30)
-    cfg = BenchConfig()
     for shape in args.shapes.split(","):
-        hq, hk, d = SHAPES[shape]
-        n = args.context
-        layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg)
-        q = make_queries(layer, hq, 1, seed=1)
-        qg = q.reshape(1, hk, hq // hk, d)
-        scale = d ** -0.5
-        budget = torch.full((1, hk), args.keep * n - layer.sink - layer.window, device=dev)
-        level = lk._Level(qg, layer.fine_centroids, layer.fine_sizes, scale, "ieee", spread=layer.fine_spread,
-                          flat_fine=True)
-        part, _, logits = level.lse(always=(layer.keys, layer.sink, layer.window))
+        case = DecodeCase(shape, args.context, args.keep, dev)
+        layer, n, hk, budget = case.layer, case.n, case.hk, case.budget
+        part, _, logits = case.lse_only()
         c = layer.fine_centroids.shape[1]
         seglen = torch.empty(1, hk, c + 2, dtype=torch.int32, device=dev)
         excl = torch.empty_like(seglen)
@@ -63,18 +54,11 @@ def main() -> None:
             print(f"{shape} N={n} budget launch warps={warps:2d} one search round (floor): "
                   f"{timer(lambda: run(0.0, iters=1)) * 1e3:6.1f} us", flush=True)
         bm.WARPS = None
-        lows = segment_lows(layer.fine_offsets, n, layer.window)
-        kw = dict(seg_lows=lows, num_tokens=n, sink_tokens=layer.sink, window_tokens=layer.window,
-                  fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
-                  always_keys=(layer.keys, layer.sink, layer.window))
-        base = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-                layer.coarse_offsets, None, None)
         for slack in slacks:
-            ms = timer(lambda: lk.centroid_lookup_positions(*base, budget, None, scale, False, budget_slack=slack,
-                                                            **kw))
+            ms = timer(lambda: case.flat(slack))
             print(f"{shape} N={n} whole flat budget lookup (default warps) slack={slack:.4f}: {ms * 1e3:6.1f} us",
                   flush=True)
-        del layer, level, part, logits
+        del layer, case, part, logits
         torch.cuda.empty_cache()
 
 

@@ -5,8 +5,8 @@ Synthetic clustered layer of ``sqattn_index.bench`` (16 keys per fine cluster, 1
 token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup (positions included) and of
 the flat level's normaliser launch alone, first with the default ``kernels.lookup.TUNING``, then for each
 (flat_block_c, blocks per program, flat_stages, warps) (a program scores that many blocks of ``flat_block_c``
-centroids, its loads pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per round (``budget.KWAY``)
-with the best setting, and the hierarchical lookup at coarse slack 3. The last line per shape is the best
+centroids, its loads pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per
+round (``budget.KWAY``) with the best setting, and the hierarchical lookup at coarse slack 3. The last line per shape is the best
 setting as JSON. (A version that also wrote the kept positions inside the budget kernel, one program per
 head, was slower: 126 against 94 us at Llama-2-7B 128K; docs/bench/README.md.)
 
@@ -22,11 +22,52 @@ import json
 import torch
 
 
+class DecodeCase:
+    """One decode token of ``shape`` over the synthetic clustered layer of ``sqattn_index.bench`` (N tokens,
+    bf16), with the fine budget of ``keep`` and the lookup's launches: ``flat`` / ``hier`` (whole lookup,
+    positions included) and ``lse_only`` (the flat level's normaliser launch). Shared with gpu_budget_sweep."""
+
+    def __init__(self, shape: str, n: int, keep: float, dev: torch.device):
+        from sqattn_index.bench import SHAPES, BenchConfig, make_queries, synthetic_layer
+        from sqattn_index.kernels.positions import segment_lows
+
+        hq, hk, d = SHAPES[shape]
+        self.n, self.hk, self.d = n, hk, d
+        self.layer = layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, BenchConfig())
+        self.qg = make_queries(layer, hq, 1, seed=1).reshape(1, hk, hq // hk, d)
+        self.scale = d ** -0.5
+        self.budget = torch.full((1, hk), keep * n - layer.sink - layer.window, device=dev)
+        self.kw = dict(seg_lows=segment_lows(layer.fine_offsets, n, layer.window), num_tokens=n,
+                       sink_tokens=layer.sink, window_tokens=layer.window, fine_spread=layer.fine_spread,
+                       coarse_spread=layer.coarse_spread, always_keys=(layer.keys, layer.sink, layer.window))
+        self.base = (self.qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
+                     layer.coarse_offsets, None, None)
+
+    def flat(self, slack: float = 0.0):
+        from sqattn_index.kernels import lookup as lk
+
+        return lk.centroid_lookup_positions(*self.base, self.budget, None, self.scale, False, budget_slack=slack,
+                                            **self.kw)
+
+    def hier(self):
+        from sqattn_index.kernels import lookup as lk
+
+        coarse = (self.budget * 3).clamp(max=float(self.n))
+        return lk.centroid_lookup_positions(*self.base, self.budget, coarse, self.scale, True, **self.kw)
+
+    def lse_only(self):
+        from sqattn_index.kernels import lookup as lk
+
+        layer = self.layer
+        level = lk._Level(self.qg, layer.fine_centroids, layer.fine_sizes, self.scale, "ieee",
+                          spread=layer.fine_spread, flat_fine=True)
+        return level.lse(always=self.kw["always_keys"])
+
+
 def main() -> None:
-    from sqattn_index.bench import SHAPES, BenchConfig, Timer, make_queries, synthetic_layer
+    from sqattn_index.bench import Timer
     from sqattn_index.kernels import budget as bm
     from sqattn_index.kernels import lookup as lk
-    from sqattn_index.kernels.positions import segment_lows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)
@@ -40,34 +81,11 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, 30)
-    cfg = BenchConfig()
     default = dict(lk.TUNING)
     for shape in args.shapes.split(","):
-        hq, hk, d = SHAPES[shape]
-        n = args.context
-        layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg)
-        q = make_queries(layer, hq, 1, seed=1)
-        qg = q.reshape(1, hk, hq // hk, d)
-        scale = d ** -0.5
-        lows = segment_lows(layer.fine_offsets, n, layer.window)
-        budget = torch.full((1, hk), args.keep * n - layer.sink - layer.window, device=dev)
-        kw = dict(seg_lows=lows, num_tokens=n, sink_tokens=layer.sink, window_tokens=layer.window,
-                  fine_spread=layer.fine_spread, coarse_spread=layer.coarse_spread,
-                  always_keys=(layer.keys, layer.sink, layer.window))
-        base = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-                layer.coarse_offsets, None, None)
-
-        def flat():
-            return lk.centroid_lookup_positions(*base, budget, None, scale, False, **kw)
-
-        def hier():
-            return lk.centroid_lookup_positions(*base, budget, (budget * 3).clamp(max=float(n)), scale, True, **kw)
-
-        def lse_only():
-            level = lk._Level(qg, layer.fine_centroids, layer.fine_sizes, scale, "ieee", spread=layer.fine_spread,
-                              flat_fine=True)
-            return level.lse(always=(layer.keys, layer.sink, layer.window))
-
+        case = DecodeCase(shape, args.context, args.keep, dev)
+        layer, n, hk, d = case.layer, case.n, case.hk, case.d
+        flat, hier, lse_only = case.flat, case.hier, case.lse_only
         cf = layer.fine_centroids.shape[1]
         mb = hk * cf * (d * 2 + 4) / 1e6
         lk.TUNING.update(default)
@@ -82,8 +100,7 @@ def main() -> None:
                 lk.TUNING.update(default, **tuning)
                 bm.WARPS = v.get("budget_warps")
                 slack = v.get("slack", 0.0)
-                ms = timer(lambda: lk.centroid_lookup_positions(*base, budget, None, scale, False,
-                                                                budget_slack=slack, **kw))
+                ms = timer(lambda: flat(slack))
                 print(f"{shape} N={n} flat budget lookup variant {json.dumps(v)}: {ms * 1e3:6.1f} us; normaliser "
                       f"launch {timer(lse_only) * 1e3:6.1f} us", flush=True)
                 timed.append((ms, v))
@@ -121,7 +138,7 @@ def main() -> None:
               f"{timer(hier) * 1e3:.1f} us", flush=True)
         lk.TUNING.update(default)
         print(f"{shape} best: {json.dumps(best)}", flush=True)
-        del layer
+        del layer, case
         torch.cuda.empty_cache()
 
 

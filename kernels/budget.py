@@ -169,7 +169,7 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         probs.stride(0), probs.stride(1), sizes.stride(0), alw.stride(0), alw.stride(1), target.stride(0),
         target.stride(1), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), exc.stride(0),
         exc.stride(1), lg.stride(0), lg.stride(1), lg.stride(2), pt.stride(0), pt.stride(1), pt.stride(2),
-        fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window, _check_slack(slack),
+        fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window, slack,
         ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),

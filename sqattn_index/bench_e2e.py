@@ -149,7 +149,7 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
     for label in ("dense", "squeezed"):
         decs, ttfts = [], []
         for _ in range(reps):
-            spec = SelectionSpec(keep=1.0 if label == "dense" else keep, mode=SELECTION, budget_slack=BUDGET_SLACK)
+            spec = _spec(1.0 if label == "dense" else keep)
             cache = SqueezedCache(corpus, spec, get_ops("triton"), capacity=len(question) + steps + 1)
             if label == "dense":
                 cache.dense_backend = "flash"
@@ -162,7 +162,7 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
             f", KV budget {cache.kv_budget:.3f}")
     same = res["squeezed"]["tokens"] == eager_tokens
     log(f"  graphed squeezed tokens equal the eager (growing-cache) squeezed tokens: {same}")
-    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK), get_ops("triton"),
+    cache = SqueezedCache(corpus, _spec(keep), get_ops("triton"),
                           capacity=len(question) + steps + 1)
     static_toks, _, _, _, static_logits = generate_graphed(local, cache, n, question, steps, graph=False)
     gt = res["squeezed"]["tokens"]
@@ -172,7 +172,8 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
         f"{static_toks == gt}; max |dlogit| over the {len(diffs)} steps with equal inputs {max(diffs):.4g}")
     d, s = res["dense"]["decode"] * 1e3, res["squeezed"]["decode"] * 1e3
     rows.append({"phase": "e2e_decode_graph", "shape": shape, "context": n, "keep": keep, "layers": layers,
-                 "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
+                 "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]),
+                 "budget_slack": BUDGET_SLACK,
                  "same_tokens_as_eager": same, "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
 
 
@@ -182,11 +183,16 @@ SELECTION = "budget"  # the engine's default (SqueezeConfig.selection); --select
 BUDGET_SLACK = 0.0  # --budget-slack: the budget search may stop at (1 + this) x the budget (SqueezeConfig)
 
 
+def _spec(keep: float) -> SelectionSpec:
+    """The benchmark's selection at ``keep`` (1.0: dense), with the command line's mode and budget slack."""
+    return SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK)
+
+
 def profile_decode(local, corpus, n, question, keep, log) -> None:
     """torch.profiler over 4 squeezed decode steps: where the per-token time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK), get_ops("triton"))
+    cache = SqueezedCache(corpus, _spec(keep), get_ops("triton"))
     generate(local, cache, n, question, 2, True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(local, cache, n + len(question) + 3, question[:1], 4, True)
@@ -203,7 +209,7 @@ def profile_graph_decode(local, corpus, n, question, keep, log) -> None:
 
     q = question.to(local.device)
     for label in ("dense", "squeezed"):
-        spec = SelectionSpec(keep=1.0 if label == "dense" else keep, mode=SELECTION, budget_slack=BUDGET_SLACK)
+        spec = _spec(1.0 if label == "dense" else keep)
         cache = SqueezedCache(corpus, spec, get_ops("triton"), capacity=len(q) + 8)
         if label == "dense":
             cache.dense_backend = "flash"
@@ -261,7 +267,7 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
                     cache = dense
                 else:
                     model.set_attn_implementation("sqattn")
-                    cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK), get_ops("triton"))
+                    cache = SqueezedCache(corpus, _spec(keep), get_ops("triton"))
                 toks, first, ttft, times = generate(local, cache, n, question, steps, label == "squeezed")
                 ttfts.append(ttft)
                 decs.append(statistics.median(times[2:]))
@@ -283,12 +289,13 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
         for phase, key in (("e2e_ttft", "ttft"), ("e2e_decode", "decode")):
             d, s = res["dense"][key] * 1e3, res["squeezed"][key] * 1e3
             rows.append({"phase": phase, "shape": shape, "context": n, "keep": keep, "layers": layers,
-                         "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
+                         "dense_ms": d, "squeezed_ms": s, "speedup": d / s,
+                         "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
                          "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
         # Same inputs through the torch reference path: tokens and first-step logits.
-        ref_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK), get_ops("torch"))
+        ref_cache = SqueezedCache(corpus, _spec(keep), get_ops("torch"))
         ref_toks, ref_first, _, _ = generate(local, ref_cache, n, question, 8, True)
-        tri_cache = SqueezedCache(corpus, SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK), get_ops("triton"))
+        tri_cache = SqueezedCache(corpus, _spec(keep), get_ops("triton"))
         tri_toks, tri_first, _, _ = generate(local, tri_cache, n, question, 8, True)
         diff = float((ref_first - tri_first).abs().max())
         scale = float(ref_first.abs().max())
