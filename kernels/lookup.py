@@ -28,6 +28,7 @@ import triton
 
 from .budget import budget_mask, budget_mask_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
+from .lookup_many import many_query_lookup
 from .positions import kept_positions, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
@@ -45,7 +46,9 @@ def _interpret() -> bool:
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
           "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
-          "decode_dot_min_q": 2}
+          "decode_dot_min_q": 2, "many_path": "stationary"}
+FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
+# is "grouped" (this module's launches, kept to compare against in one benchmark run)
 # measured best on an H100 (docs/bench/README.md). A flat fine level gives a program several blocks of
 # flat_block_c centroids (loads pipelined over flat_stages stages): in decode as many as keep about
 # flat_programs programs in flight (at most flat_tiles_max; the session-5 sweep's best at Llama-2-7B and
@@ -62,7 +65,7 @@ class _Level:
         self.spread = spread.float().contiguous() if spread is not None else None
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
-        self.few = self.nq <= 16  # decode: logits stored for the next launch, decode launch settings
+        self.few = self.nq <= FEW_QUERIES  # decode: logits stored for the next launch, decode launch settings
         sixteen = q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16)
         # few queries score on CUDA cores row by row, or (16-bit, at least decode_dot_min_q of them) with one
         # tensor-core dot padded to 16 rows (H100, 128K: faster at 4 queries per KV head, slower at 1)
@@ -229,6 +232,12 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
+    if nq > FEW_QUERIES and TUNING["many_path"] == "stationary":
+        return many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
+                                 fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
+                                 precision, seglen=seglen, sink=sink, window=window, fine_spread=fine_spread,
+                                 coarse_spread=coarse_spread, fixed_logz=fixed_logz, always_keys=always_keys,
+                                 excl=excl, budget_slack=budget_slack)
     thr = fine_threshold.float().contiguous() if fine_threshold is not None else None
     coarse_probs = allowed = None
     seg = dict(seglen=seglen, sink=sink, window=window, fixed=fixed_logz)

@@ -127,31 +127,52 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 
 
 @triton.jit
+def _online(m, s, t):
+    """One online log-sum-exp step: running (max m, sum s) [BLOCK_Q] of a query tile updated with the terms
+    t [BLOCK_Q, BLOCK_C] (-inf for none)."""
+    m_new = tl.maximum(m, _max(t, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
+
+
+@triton.jit
+def _finish_lse(m, s):
+    """log of the running sum of ``_online`` (-inf where nothing was added)."""
+    return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+
+
+@triton.jit
+def _always_state(qv, K, s_kn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q: tl.constexpr,
+                  BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online log-sum-exp state (m, s) of a query tile over exp(s q.k) of the always-attended keys of one head
+    (K points at its rows): the sinks, then the window's sorted positions."""
+    offs_kb = tl.arange(0, BLOCK_C)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    s = tl.full([BLOCK_Q], 0.0, tl.float32)
+    for k0 in range(0, SINK + WINDOW, BLOCK_C):
+        i = k0 + offs_kb
+        k_ok = i < SINK + WINDOW
+        pos = tl.where(i < SINK, i, N - WINDOW + (i - SINK)).to(tl.int64)
+        kv = _load_cent(K, s_kn, pos, k_ok, offs_d, d_ok, NATIVE)
+        t = tl.where(k_ok[None, :], _scores(qv, kv, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION),
+                     float("-inf"))
+        m, s = _online(m, s, t)
+    return m, s
+
+
+@triton.jit
 def _always_part(Q, K, PART, s_qm, s_kh, s_kn, s_pk, q_base, part_base, h, pid_c, q_lo, q_hi, N, SINK, WINDOW,
                  scale, offs_d, d_ok, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr,
                  NATIVE: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial row pid_c = log sum_k exp(s q.k) over the always-attended keys (sinks, then the window's sorted
-    positions) of head h, for the queries q_lo .. q_hi: ``always_logz_ref`` as one more partial."""
-    offs_kb = tl.arange(0, BLOCK_C)
+    """Partial row pid_c = log sum_k exp(s q.k) over the always-attended keys of head h, for the queries
+    q_lo .. q_hi: ``always_logz_ref`` as one more partial."""
     offs_qb = tl.arange(0, BLOCK_Q)
     for q0 in range(q_lo, q_hi, BLOCK_Q):
         offs_q = q0 + offs_qb
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
-        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        s = tl.full([BLOCK_Q], 0.0, tl.float32)
-        for k0 in range(0, SINK + WINDOW, BLOCK_C):
-            i = k0 + offs_kb
-            k_ok = i < SINK + WINDOW
-            pos = tl.where(i < SINK, i, N - WINDOW + (i - SINK)).to(tl.int64)
-            kv = _load_cent(K + h * s_kh, s_kn, pos, k_ok, offs_d, d_ok, NATIVE)
-            t = tl.where(k_ok[None, :], _scores(qv, kv, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION),
-                         float("-inf"))
-            m_new = tl.maximum(m, _max(t, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(part_base + pid_c * s_pk + offs_q, m_safe + tl.log(s), mask=offs_q < q_hi)
+        m, s = _always_state(qv, K + h * s_kh, s_kn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q, BLOCK_C,
+                             ROWWISE, NATIVE, PRECISION)
+        tl.store(part_base + pid_c * s_pk + offs_q, _finish_lse(m, s), mask=offs_q < q_hi)
 
 
 @triton.jit
@@ -171,11 +192,7 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
     logits = _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD)
     if STORE_LOGITS:
         tl.store(LOGITS + offs_q[:, None] * s_gq + offs_c[None, :], logits, mask=q_ok[:, None] & sel[None, :])
-    t = tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
-    m_new = tl.maximum(m, _max(t, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + _sum(tl.exp(t - m_safe[:, None]), axis=1)
-    return m_new, s
+    return _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
 
 
 @triton.jit
@@ -240,8 +257,7 @@ def _lse_kernel(
                 m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h, keepc_h,
                                  logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED, STORE_LOGITS,
                                  ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, m_safe + tl.log(s),
+        tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, _finish_lse(m, s),
                  mask=q_ok & (offs_q * 0 + pid_c < NB))
 
 

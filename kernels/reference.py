@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "group_queries_ref",
+    "compact_fine_ref",
     "always_logz_ref",
     "budget_mask_ref",
     "centroid_lookup_ref",
@@ -175,6 +176,18 @@ def _fine_parent(coarse_offsets: torch.Tensor, num_fine: int) -> torch.Tensor:
     """[Hk, Cc + 1] fine index ranges -> [Hk, Cf] coarse parent of each fine cluster."""
     idx = torch.arange(num_fine, device=coarse_offsets.device).expand(coarse_offsets.shape[0], num_fine)
     return torch.searchsorted(coarse_offsets[:, 1:].contiguous(), idx.contiguous(), right=True)
+
+
+def compact_fine_ref(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: int
+                     ) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Fine clusters under kept coarse clusters (``lookup_many.compact_fine``): keep_c [B, Hk, Cc] bool,
+    coarse_offsets [Hk, Cc + 1] -> per (b, h) the sorted fine indices (int32), count [B, Hk] int32 and the
+    allowed mask [B, Hk, Cf] uint8."""
+    b, hk, _ = keep_c.shape
+    parent = _fine_parent(coarse_offsets, num_fine)
+    allowed = keep_c.bool().gather(-1, parent.unsqueeze(0).expand(b, hk, num_fine))
+    lists = [[allowed[i, h].nonzero().flatten().to(torch.int32) for h in range(hk)] for i in range(b)]
+    return lists, allowed.sum(-1).to(torch.int32), allowed.to(torch.uint8)
 
 
 def ranges_from_mask_ref(

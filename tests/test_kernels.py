@@ -20,6 +20,7 @@ from sqattn_index.kernels.lookup import (  # noqa: E402
     centroid_lookup_positions,
     centroid_probs,
 )
+from sqattn_index.kernels.lookup_many import compact_fine  # noqa: E402
 from sqattn_index.kernels.merge import lse_merge  # noqa: E402
 from sqattn_index.kernels.sparse_attention import sparse_attention, sparse_attention_positions  # noqa: E402
 
@@ -411,6 +412,31 @@ def test_budget_mask_matches_ref(b, hk, c, frac, ties):
     assert (seglen[..., 0] == 3).all() and (seglen[..., -1] == 5).all()
     everything = torch.ones_like(allowed)
     assert torch.equal(budget_mask(probs, sizes, None, target), budget_mask(probs, sizes, everything, target))
+
+
+@pytest.mark.parametrize("b,hk,cc,cf,frac", [
+    pytest.param(1, 2, 5, 37, 0.5, id="half"),
+    pytest.param(2, 3, 9, 120, 0.2, id="B2-few-kept"),
+    pytest.param(1, 1, 4, 30, 0.0, id="none-kept"),
+    pytest.param(1, 2, 6, 70, 1.0, id="all-kept"),
+])
+def test_compact_fine_matches_ref(b, hk, cc, cf, frac):
+    gen = torch.Generator().manual_seed(cc * cf)
+    offs = []
+    for _ in range(hk):  # ragged, some coarse clusters empty
+        cuts = torch.randint(0, cf + 1, (cc - 1,), generator=gen).sort().values
+        offs.append(torch.cat([torch.tensor([0]), cuts, torch.tensor([cf])]))
+    coff = torch.stack(offs).to(DEV)
+    keep_c = (torch.rand(b, hk, cc, generator=gen) < frac).to(DEV)
+    probs = torch.full((b, hk, cf), 7.0, device=DEV)
+    idx, count, allowed = compact_fine(keep_c, coff, cf, probs)
+    rlists, rcount, rallowed = ref.compact_fine_ref(keep_c, coff, cf)
+    assert torch.equal(count.cpu(), rcount.cpu())
+    assert torch.equal(allowed.cpu(), rallowed.cpu())
+    for i in range(b):
+        for h in range(hk):
+            assert torch.equal(idx[i, h, : int(count[i, h])].cpu(), rlists[i][h].cpu())
+    assert torch.equal((probs == 0).cpu(), (rallowed == 0).cpu())  # zeroed exactly outside kept parents
 
 
 def test_always_logz_ref_is_logsumexp_over_sinks_and_window():

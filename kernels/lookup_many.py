@@ -1,0 +1,375 @@
+"""Centroid lookup for many queries per KV head (prefill: a question block; same contract as
+``centroid_lookup_ref``). ``lookup.py`` routes every call with more than 16 grouped queries here.
+
+With thousands of queries the lookup is matrix multiplication, so it is tiled like FlashAttention and every
+tensor-core tile is full: query tiles of ``BLOCK_Q`` rows against centroid tiles of ``BLOCK_C`` rows.
+
+``_normaliser_kernel``  query-stationary: a program holds one query tile and walks a list of centroids with an
+                        online log-sum-exp, so ``log Z_q`` comes out of one launch with no partials to merge. It
+                        can start from a fixed term, add the always-attended keys (sinks, window) and the dropped
+                        coarse clusters of a hierarchical lookup before the fine ones.
+``_probs_kernel``       centroid-stationary: a program holds one centroid tile and sums exp(logit - log Z_q) over
+                        the queries (of its query split), so the per-key probabilities need no atomics.
+``_coarse_excl_kernel`` / ``_fine_index_kernel``  compaction: the fine clusters under kept coarse clusters become
+                        one dense index list per head (and the ``allowed`` mask), so the fine level's tiles are
+                        full whatever the number of fine clusters per coarse one.
+
+Nothing reads a device value on the host (the fine grids are sized by the clusters that could be kept).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .budget import budget_mask
+from .lookup_kernels import _add_spread, _always_state, _finish_lse, _load_cent, _load_q, _online, _qnorm2, _scores
+from .sparse_attention import _cumsum, _sum
+
+__all__ = ["many_query_lookup", "TUNING_MANY"]
+
+# Launch settings of the many-query path (an H100 sweep in benchmarks/ sets them): query rows per normaliser
+# program and centroids per tile; centroids per probability program and query rows per tile; warps; the
+# probability launch splits the queries until it has at least ``prob_programs`` programs.
+TUNING_MANY = {"norm_block_q": 128, "norm_block_c": 64, "norm_warps": 8, "norm_stages": 2,
+               "prob_block_c": 64, "prob_block_q": 128, "prob_warps": 8, "prob_stages": 2, "prob_programs": 264}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _normaliser_kernel(
+    Q, C, SIZES, SPREAD, IDX, COUNT, CC, CSIZES, CSPREAD, KEEPC, K, FIXED, LOGZ, LOGZ_ALWAYS,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_vh, s_ib, s_ih, s_nb, s_nh,
+    s_cch, s_ccc, s_csh, s_cvh, s_kb, s_kh, s_akh, s_akn, s_fb, s_fh, s_zb, s_zh,
+    HK, NQ, NC, NCC, N, SINK, WINDOW, scale, half_s2,
+    GATHER: tl.constexpr,  # the centroids are IDX[b, h, :COUNT[b, h]], else all NC of them
+    DROPPED: tl.constexpr,  # first the coarse clusters CC with KEEPC == 0
+    ALWAYS: tl.constexpr,  # first the always-attended keys K; their own log-sum-exp goes to LOGZ_ALWAYS
+    HAS_FIXED: tl.constexpr, HAS_SPREAD: tl.constexpr, HAS_CSPREAD: tl.constexpr,
+    NATIVE: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """LOGZ[b, h, q] = log(exp(FIXED) + always + sum over dropped coarse and listed centroids of n_c exp(l_qc))."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_cb = tl.arange(0, BLOCK_C)
+    q0 = pid_q * BLOCK_Q
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < NQ
+    qv = _load_q(Q + b * s_qb + h * s_qh, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
+    qn2 = _qnorm2(qv)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    s = tl.full([BLOCK_Q], 0.0, tl.float32)
+    if HAS_FIXED:
+        m = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
+        s = tl.where(m == float("-inf"), 0.0, 1.0)
+    if ALWAYS:
+        m, s = _always_state(qv, K + h * s_akh, s_akn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q, BLOCK_C,
+                             False, NATIVE, PRECISION)
+        tl.store(LOGZ_ALWAYS + b * s_zb + h * s_zh + offs_q, _finish_lse(m, s), mask=q_ok)
+    if DROPPED:
+        for c0 in range(0, NCC, BLOCK_C):
+            offs_c = c0 + offs_cb
+            sel = offs_c < NCC
+            sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
+            cent = _load_cent(CC + h * s_cch, s_ccc, offs_c, sel, offs_d, d_ok, NATIVE)
+            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
+            logits = _add_spread(logits, CSPREAD + h * s_cvh, offs_c, sel, qn2, half_s2, HAS_CSPREAD)
+            logn = tl.log(tl.load(CSIZES + h * s_csh + offs_c, mask=sel, other=1).to(tl.float32))
+            m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
+    if GATHER:
+        n = tl.load(COUNT + b * s_nb + h * s_nh)
+    else:
+        n = NC
+    for c0 in range(0, n, BLOCK_C):
+        offs = c0 + offs_cb
+        sel = offs < n
+        if GATHER:
+            cid = tl.load(IDX + b * s_ib + h * s_ih + offs, mask=sel, other=0)
+        else:
+            cid = offs
+        cent = _load_cent(C + h * s_ch, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+        logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
+        logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, qn2, half_s2, HAS_SPREAD)
+        logn = tl.log(tl.load(SIZES + h * s_sh + cid, mask=sel, other=1).to(tl.float32))
+        m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
+    tl.store(LOGZ + b * s_zb + h * s_zh + offs_q, _finish_lse(m, s), mask=q_ok)
+
+
+@triton.jit
+def _probs_kernel(
+    Q, C, SPREAD, IDX, COUNT, LOGZ, OUT,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_vh, s_ib, s_ih, s_nb, s_nh, s_zb, s_zh, s_ob, s_oh, s_os,
+    HK, NQ, NC, Q_PER_SPLIT, scale, half_s2, inv_nq,
+    GATHER: tl.constexpr, HAS_SPREAD: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """OUT[b, h, split, c] = sum over the split's queries of exp(l_qc - LOGZ_q) / NQ for the program's
+    centroids c (listed in IDX with GATHER; untouched entries keep their value)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    if GATHER:
+        n = tl.load(COUNT + b * s_nb + h * s_nh)
+    else:
+        n = NC
+    c0 = pid_c * BLOCK_C
+    if c0 < n:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        offs = c0 + tl.arange(0, BLOCK_C)
+        sel = offs < n
+        if GATHER:
+            cid = tl.load(IDX + b * s_ib + h * s_ih + offs, mask=sel, other=0)
+        else:
+            cid = offs
+        cent = _load_cent(C + h * s_ch, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+        q_lo = pid_s * Q_PER_SPLIT
+        q_hi = tl.minimum(q_lo + Q_PER_SPLIT, NQ)
+        acc = tl.full([BLOCK_C], 0.0, tl.float32)
+        for q0 in range(q_lo, q_hi, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            q_ok = offs_q < q_hi
+            qv = _load_q(Q + b * s_qb + h * s_qh, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+            logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
+            logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, _qnorm2(qv), half_s2, HAS_SPREAD)
+            p = tl.exp(logits - logz[:, None])
+            acc += _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
+        tl.store(OUT + b * s_ob + h * s_oh + pid_s * s_os + cid, acc * inv_nq, mask=sel)
+
+
+@triton.jit
+def _coarse_excl_kernel(KEEPC, COFF, EXCL, COUNT, s_kb, s_kh, s_oh, s_eb, s_eh, s_nb, s_nh, HK, NCC,
+                        BLOCK_G: tl.constexpr):
+    """EXCL[b, h, g]: fine clusters under kept coarse clusters before g; COUNT[b, h]: all of them."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    carry = _sum(tl.zeros([1], tl.int32), 0)  # a 0-d int32 loop carry
+    for g0 in range(0, NCC, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        ok = g < NCC
+        kept = tl.load(KEEPC + b * s_kb + h * s_kh + g, mask=ok, other=0) != 0
+        lo = tl.load(COFF + h * s_oh + g, mask=ok, other=0)
+        hi = tl.load(COFF + h * s_oh + g + 1, mask=ok, other=0)
+        nf = tl.where(kept & ok, hi - lo, 0).to(tl.int32)
+        incl = _cumsum(nf, 0)
+        tl.store(EXCL + b * s_eb + h * s_eh + g, carry + incl - nf, mask=ok)
+        carry += _sum(nf, 0)
+    tl.store(COUNT + b * s_nb + h * s_nh, carry)
+
+
+@triton.jit
+def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh, s_eb, s_eh, s_ib, s_ih,
+                       s_ab, s_ah, s_pb, s_ph, HK, NC, NCC, SEARCH_STEPS: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Each fine cluster finds its coarse parent (binary search in COFF), writes ALLOWED and, under a kept
+    parent, its own index at its place in IDX; PROBS is zeroed outside kept parents."""
+    pid_f = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    ok = f < NC
+    coff = COFF + h * s_oh
+    lo = tl.zeros([BLOCK_F], tl.int32)  # parent = number of coarse ends COFF[1 ..] <= f
+    hi = tl.zeros([BLOCK_F], tl.int32) + NCC
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        end = tl.load(coff + 1 + mid, mask=ok & (mid < NCC), other=0)
+        right = (end <= f) & (mid < hi)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    parent = tl.minimum(lo, NCC - 1)
+    kept = (tl.load(KEEPC + b * s_kb + h * s_kh + parent, mask=ok, other=0) != 0) & ok
+    tl.store(ALLOWED + b * s_ab + h * s_ah + f, kept.to(tl.uint8), mask=ok)
+    tl.store(PROBS + b * s_pb + h * s_ph + f, tl.zeros([BLOCK_F], tl.float32), mask=ok & ~kept)
+    first = tl.load(coff + parent, mask=ok, other=0).to(tl.int32)
+    slot = tl.load(EXCL + b * s_eb + h * s_eh + parent, mask=kept, other=0) + (f - first)
+    tl.store(IDX + b * s_ib + h * s_ih + slot, f, mask=kept)
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+class _Table:
+    """One level's centroids [Hk, C, D], sizes [Hk, C] and optional spreads [Hk, C] (float32)."""
+
+    def __init__(self, cent, sizes, spread):
+        self.cent = cent if cent.stride(-1) == 1 else cent.contiguous()
+        self.sizes, self.nc = sizes, cent.shape[1]
+        self.spread = spread.float().contiguous() if spread is not None else None
+
+
+class _Many:
+    """Launch helpers for queries q [B, Hk, NQ, D] (NQ large)."""
+
+    def __init__(self, q, scale, precision):
+        self.q, self.scale, self.precision = q, scale, precision
+        self.b, self.hk, self.nq, self.d = q.shape
+        self.dev = q.device
+
+    def _native(self, table):
+        sixteen = self.q.dtype in (torch.bfloat16, torch.float16) and table.cent.dtype == self.q.dtype
+        return sixteen and not _interpret()
+
+    def _launch_cfg(self, kind):
+        t = TUNING_MANY
+        if _interpret():
+            return dict(BLOCK_Q=16, BLOCK_C=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_Q=t[f"{kind}_block_q"], BLOCK_C=t[f"{kind}_block_c"], num_warps=t[f"{kind}_warps"],
+                    num_stages=t[f"{kind}_stages"])
+
+    def normaliser(self, table, idx=None, count=None, fixed=None, always=None, dropped=None):
+        """log Z [B, Hk, NQ] over ``table``'s centroids (those in ``idx[:, :, :count]`` when given), plus
+        exp(``fixed``), the always-attended keys ``always`` = (keys, sink, window) and the coarse clusters
+        ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always`` also returns their own
+        log-normaliser (else None)."""
+        q, dev = self.q, self.dev
+        logz = torch.empty(self.b, self.hk, self.nq, dtype=torch.float32, device=dev)
+        logz_always = torch.empty_like(logz) if always is not None else logz
+        keys, sink, window = always if always is not None else (table.cent, 0, 0)
+        keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+        n = keys.shape[1]
+        sink = min(sink, n)
+        window = min(window, n - sink)
+        ctab, keepc = dropped if dropped is not None else (table, logz)
+        dummy = logz
+        idx_t = idx if idx is not None else dummy
+        cnt = count if count is not None else dummy
+        fx = fixed.float().contiguous() if fixed is not None else dummy
+        sp = table.spread if table.spread is not None else dummy
+        csp = ctab.spread if ctab.spread is not None else dummy
+        cfg = self._launch_cfg("norm")
+        grid = (triton.cdiv(self.nq, cfg["BLOCK_Q"]), self.b * self.hk)
+        _normaliser_kernel[grid](
+            q, table.cent, table.sizes, sp, idx_t, cnt, ctab.cent, ctab.sizes, csp, keepc, keys, fx, logz,
+            logz_always,
+            q.stride(0), q.stride(1), q.stride(2), table.cent.stride(0), table.cent.stride(1),
+            table.sizes.stride(0), sp.stride(0), idx_t.stride(0), idx_t.stride(1), cnt.stride(0), cnt.stride(-1),
+            ctab.cent.stride(0), ctab.cent.stride(1), ctab.sizes.stride(0), csp.stride(0), keepc.stride(0),
+            keepc.stride(1), keys.stride(0), keys.stride(1), fx.stride(0), fx.stride(1), logz.stride(0),
+            logz.stride(1),
+            self.hk, self.nq, table.nc, ctab.nc, n, sink, window, self.scale, 0.5 * self.scale * self.scale,
+            GATHER=idx is not None, DROPPED=dropped is not None, ALWAYS=always is not None,
+            HAS_FIXED=fixed is not None, HAS_SPREAD=table.spread is not None, HAS_CSPREAD=ctab.spread is not None,
+            NATIVE=self._native(table), PRECISION=self.precision, HEAD_DIM=self.d,
+            BLOCK_D=triton.next_power_of_2(self.d), **cfg,
+        )
+        return logz, (logz_always if always is not None else None)
+
+    def probs(self, table, logz, idx=None, count=None, out=None):
+        """Per-key probabilities [B, Hk, C] (mean over queries of exp(l_qc - log Z_q)); with ``idx`` only the
+        listed centroids are written into ``out`` (whose other entries must already hold 0)."""
+        q, dev = self.q, self.dev
+        cfg = self._launch_cfg("prob")
+        nblocks = triton.cdiv(table.nc, cfg["BLOCK_C"])
+        want = TUNING_MANY["prob_programs"] if not _interpret() else 1
+        splits = max(1, min(triton.cdiv(want, nblocks * self.b * self.hk), triton.cdiv(self.nq, cfg["BLOCK_Q"])))
+        if splits == 1:
+            res = out if out is not None else torch.empty(self.b, self.hk, table.nc, dtype=torch.float32, device=dev)
+            dst = res.unsqueeze(2)
+        else:
+            dst = torch.zeros(self.b, self.hk, splits, table.nc, dtype=torch.float32, device=dev)
+        q_per = triton.cdiv(triton.cdiv(self.nq, splits), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
+        idx_t = idx if idx is not None else logz
+        cnt = count if count is not None else logz
+        sp = table.spread if table.spread is not None else logz
+        _probs_kernel[(nblocks, splits, self.b * self.hk)](
+            q, table.cent, sp, idx_t, cnt, logz, dst,
+            q.stride(0), q.stride(1), q.stride(2), table.cent.stride(0), table.cent.stride(1), sp.stride(0),
+            idx_t.stride(0), idx_t.stride(1), cnt.stride(0), cnt.stride(-1), logz.stride(0), logz.stride(1),
+            dst.stride(0), dst.stride(1), dst.stride(2),
+            self.hk, self.nq, table.nc, q_per, self.scale, 0.5 * self.scale * self.scale, 1.0 / self.nq,
+            GATHER=idx is not None, HAS_SPREAD=table.spread is not None, NATIVE=self._native(table),
+            PRECISION=self.precision, HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), **cfg,
+        )
+        if splits == 1:
+            return res
+        total = dst.sum(dim=2)
+        if out is None:
+            return total
+        return out.copy_(total)
+
+
+def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: int, probs: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fine clusters under kept coarse clusters as one sorted list per head (``compact_fine_ref``).
+
+    keep_c [B, Hk, Cc] bool/uint8, coarse_offsets [Hk, Cc + 1] int64. Returns idx [B, Hk, Cf] int32 (the first
+    count[b, h] entries hold the fine indices in increasing order, the rest is undefined), count [B, Hk] int32
+    and allowed [B, Hk, Cf] uint8. ``probs`` [B, Hk, Cf] float32, if given, is set to 0 outside kept parents."""
+    b, hk, ncc = keep_c.shape
+    dev = keep_c.device
+    keep_c = keep_c.view(torch.uint8) if keep_c.dtype == torch.bool else keep_c
+    idx = torch.empty(b, hk, num_fine, dtype=torch.int32, device=dev)
+    allowed = torch.empty(b, hk, num_fine, dtype=torch.uint8, device=dev)
+    count = torch.empty(b, hk, dtype=torch.int32, device=dev)
+    excl = torch.empty(b, hk, ncc, dtype=torch.int32, device=dev)
+    pr = probs if probs is not None else torch.empty(b, hk, num_fine, dtype=torch.float32, device=dev)
+    _coarse_excl_kernel[(b * hk,)](
+        keep_c, coarse_offsets, excl, count, keep_c.stride(0), keep_c.stride(1), coarse_offsets.stride(0),
+        excl.stride(0), excl.stride(1), count.stride(0), count.stride(1), hk, ncc,
+        BLOCK_G=min(1024, triton.next_power_of_2(max(ncc, 2))), num_warps=4,
+    )
+    block_f = 256 if not _interpret() else 64
+    _fine_index_kernel[(triton.cdiv(max(num_fine, 1), block_f), b * hk)](
+        keep_c, coarse_offsets, excl, idx, allowed, pr, keep_c.stride(0), keep_c.stride(1),
+        coarse_offsets.stride(0), excl.stride(0), excl.stride(1), idx.stride(0), idx.stride(1), allowed.stride(0),
+        allowed.stride(1), pr.stride(0), pr.stride(1), hk, num_fine, ncc,
+        SEARCH_STEPS=max(1, int(ncc).bit_length()), BLOCK_F=block_f, num_warps=4,
+    )
+    return idx, count, allowed
+
+
+def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
+                      coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, *, seglen=None, sink=0,
+                      window=0, fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None,
+                      budget_slack=0.0):
+    """``lookup._run`` for many queries: keep [B, Hk, Cf] bool, allowed [B, Hk, Cf] uint8 (None when flat), the
+    fine and the coarse probabilities. ``seglen`` / ``excl``: as ``_run`` writes them."""
+    many = _Many(q, scale, precision)
+    fine = _Table(fine_centroids, fine_sizes, fine_spread)
+    allowed = coarse_probs = None
+    if not hierarchical:
+        logz, _ = many.normaliser(fine, fixed=fixed_logz, always=always_keys)
+        probs = many.probs(fine, logz)
+    else:
+        coarse = _Table(coarse_centroids, coarse_sizes, coarse_spread)
+        logz_c, logz_always = many.normaliser(coarse, fixed=fixed_logz, always=always_keys)
+        fixed = logz_always if always_keys is not None else fixed_logz
+        coarse_probs = many.probs(coarse, logz_c)
+        if fine_threshold is not None:
+            keep_c = (coarse_probs >= coarse_threshold.float().view(1, -1, 1)).view(torch.uint8)
+        else:
+            keep_c = budget_mask(coarse_probs, coarse_sizes, None, coarse_budget).view(torch.uint8)
+        probs = torch.empty(many.b, many.hk, fine.nc, dtype=torch.float32, device=q.device)
+        idx, count, allowed = compact_fine(keep_c, coarse_offsets, fine.nc, probs)
+        logz, _ = many.normaliser(fine, idx, count, fixed=fixed, dropped=(coarse, keep_c))
+        many.probs(fine, logz, idx, count, out=probs)
+    if fine_threshold is None:
+        keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window, excl=excl,
+                           slack=budget_slack)
+        return keep, allowed, probs, coarse_probs
+    keep = probs >= fine_threshold.float().view(1, -1, 1)
+    if allowed is not None:
+        keep &= allowed.bool()
+    if seglen is not None:
+        seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
+        seglen[..., 0], seglen[..., -1] = sink, window
+    return keep, allowed, probs, coarse_probs
