@@ -6,8 +6,8 @@ Synthetic clustered layer of ``sqattn_index.bench`` (16 keys per fine cluster, 1
 slack 3), bf16, CUDA-graph timing with L2 flushed (``bench.Timer``). Per shape it prints: both paths' lookup
 and whole-step (lookup + sparse attention) times in budget and threshold mode, how many fine clusters their
 selections differ by, the per-kernel profile of the many-query lookup, a sweep of ``TUNING_MANY`` (the
-normaliser's and the probability launch's tiles, warps and stages, each varied with the other at its
-default) and of the sparse prefill kernel at one split; the last line per shape is the best setting as JSON.
+normaliser's and the probability launch's tiles, warps, stages and splits, each varied with the other at
+its default; the profile with the best of both) and, with --sparse, of the sparse prefill kernel at one split; the last line per shape is the best setting as JSON.
 
     python benchmarks/gpu_prefill_lookup_sweep.py [--context 131072] [--shapes llama3-8b,llama2-7b] [--no-sweep]
 """
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    ap.add_argument("--sparse", action="store_true", help="also sweep the sparse prefill kernel at one split")
     a = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps)
@@ -88,9 +89,14 @@ def main() -> None:
         profile(lookup, log)
         if a.sweep:
             results = []
-            grid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
-            for kind, (bq, bc, w, st) in [("norm", v) for v in grid] + [("prob", v) for v in grid]:
-                over = {f"{kind}_block_q": bq, f"{kind}_block_c": bc, f"{kind}_warps": w, f"{kind}_stages": st}
+            norm = [dict(norm_block_q=bq, norm_block_c=bc, norm_warps=w, norm_stages=st, norm_splits=sp)
+                    for (bq, bc, w, st), sp in itertools.product(
+                        ((32, 64, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                         (64, 256, 8, 2)), (1, 2, 4))]
+            prob = [dict(prob_block_q=bq, prob_block_c=bc, prob_warps=4, prob_stages=3, prob_programs=pp)
+                    for bq, bc, pp in itertools.product((32, 64), (32, 64), (264, 528, 1056))]
+            results = []
+            for kind, over in [("norm", v) for v in norm] + [("prob", v) for v in prob]:
                 lm.TUNING_MANY.clear()
                 lm.TUNING_MANY.update(default, **over)
                 try:
@@ -106,24 +112,27 @@ def main() -> None:
                     log(f"  sweep {kind} {ms:.4f} ms {over}")
                 best.update(mine[0][2])
             lm.TUNING_MANY.update(best)
-            log(f"  lookup with both best: {timer(lookup):.4f} ms (default {default})")
+            log(f"  lookup with both best: {timer(lookup):.4f} ms, step {timer(step):.4f} ms (default {default})")
+            profile(lookup, log)
             lm.TUNING_MANY.clear()
             lm.TUNING_MANY.update(default)
-            _, _, pos, total = lookup()
-            sparse = []
-            for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
-                over = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                try:
-                    ms = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total,
-                                                                  q.shape[-1] ** -0.5, num_splits=1, config=over))
-                    sparse.append((ms, over))
-                except Exception as exc:  # noqa: BLE001
-                    log(f"  sparse {over}: {type(exc).__name__}")
-            dflt = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total,
-                                                            q.shape[-1] ** -0.5))
-            log(f"  sparse prefill default {dflt:.4f} ms")
-            for ms, over in sorted(sparse, key=lambda r: r[0])[:5]:
-                log(f"  sparse prefill splits=1 {ms:.4f} ms {over}")
+            sparse = [(0.0, "not swept")]
+            if a.sparse:
+                _, _, pos, total = lookup()
+                sparse = []
+                for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
+                    over = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                    try:
+                        ms = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total,
+                                                                      q.shape[-1] ** -0.5, num_splits=1, config=over))
+                        sparse.append((ms, over))
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  sparse {over}: {type(exc).__name__}")
+                dflt = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total,
+                                                                q.shape[-1] ** -0.5))
+                log(f"  sparse prefill default {dflt:.4f} ms")
+                for ms, over in sorted(sparse, key=lambda r: r[0])[:5]:
+                    log(f"  sparse prefill splits=1 {ms:.4f} ms {over}")
             log(json.dumps({"shape": shape, "tuning_many": best, "sparse": min(sparse, key=lambda r: r[0])[1]}))
         del layer, q, fns
         torch.cuda.empty_cache()

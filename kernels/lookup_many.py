@@ -26,16 +26,21 @@ import triton
 import triton.language as tl
 
 from .budget import budget_mask
-from .lookup_kernels import _add_spread, _always_state, _finish_lse, _load_cent, _load_q, _online, _qnorm2, _scores
+from .lookup_kernels import (_add_spread, _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _online,
+                             _qnorm2, _scores)
 from .sparse_attention import _cumsum, _sum
 
 __all__ = ["many_query_lookup", "TUNING_MANY"]
 
 # Launch settings of the many-query path (an H100 sweep in benchmarks/ sets them): query rows per normaliser
 # program and centroids per tile; centroids per probability program and query rows per tile; warps; the
-# probability launch splits the queries until it has at least ``prob_programs`` programs.
-TUNING_MANY = {"norm_block_q": 128, "norm_block_c": 64, "norm_warps": 8, "norm_stages": 2,
-               "prob_block_c": 64, "prob_block_q": 128, "prob_warps": 8, "prob_stages": 2, "prob_programs": 264}
+# probability launch splits the queries until it has at least ``prob_programs`` programs (counting every
+# block a compacted fine level could have).
+TUNING_MANY = {"norm_block_q": 64, "norm_block_c": 128, "norm_warps": 4, "norm_stages": 3, "norm_splits": 1,
+               "prob_block_c": 64, "prob_block_q": 64, "prob_warps": 4, "prob_stages": 3, "prob_programs": 264}
+# (H100 sweep at 128K, 512 question tokens, Llama-3-8B and Llama-2-7B shapes: docs/bench/session6/). The
+# normaliser may split each head's centroid list over ``norm_splits`` programs per query tile; the partial
+# log-normalisers are merged where they are read.
 
 
 def _interpret() -> bool:
@@ -49,8 +54,8 @@ def _interpret() -> bool:
 def _normaliser_kernel(
     Q, C, SIZES, SPREAD, IDX, COUNT, CC, CSIZES, CSPREAD, KEEPC, K, FIXED, LOGZ, LOGZ_ALWAYS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_vh, s_ib, s_ih, s_nb, s_nh,
-    s_cch, s_ccc, s_csh, s_cvh, s_kb, s_kh, s_akh, s_akn, s_fb, s_fh, s_zb, s_zh,
-    HK, NQ, NC, NCC, N, SINK, WINDOW, scale, half_s2,
+    s_cch, s_ccc, s_csh, s_cvh, s_kb, s_kh, s_akh, s_akn, s_fb, s_fh, s_zb, s_zh, s_zs, s_ab, s_ah,
+    HK, NQ, NC, NCC, N, SINK, WINDOW, NSPLIT, scale, half_s2,
     GATHER: tl.constexpr,  # the centroids are IDX[b, h, :COUNT[b, h]], else all NC of them
     DROPPED: tl.constexpr,  # first the coarse clusters CC with KEEPC == 0
     ALWAYS: tl.constexpr,  # first the always-attended keys K; their own log-sum-exp goes to LOGZ_ALWAYS
@@ -58,9 +63,11 @@ def _normaliser_kernel(
     NATIVE: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """LOGZ[b, h, q] = log(exp(FIXED) + always + sum over dropped coarse and listed centroids of n_c exp(l_qc))."""
+    """LOGZ[b, h, s, q] = log(exp(FIXED) + always + sum over dropped coarse and listed centroids of
+    n_c exp(l_qc)), the centroids split in NSPLIT equal chunks (split s = 0 also takes the first three terms)."""
     pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -73,15 +80,18 @@ def _normaliser_kernel(
     qn2 = _qnorm2(qv)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     s = tl.full([BLOCK_Q], 0.0, tl.float32)
+    first = pid_s == 0
     if HAS_FIXED:
-        m = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
-        s = tl.where(m == float("-inf"), 0.0, 1.0)
+        if first:
+            m = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
+            s = tl.where(m == float("-inf"), 0.0, 1.0)
     if ALWAYS:
-        m, s = _always_state(qv, K + h * s_akh, s_akn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q, BLOCK_C,
-                             False, NATIVE, PRECISION)
-        tl.store(LOGZ_ALWAYS + b * s_zb + h * s_zh + offs_q, _finish_lse(m, s), mask=q_ok)
+        if first:
+            m, s = _always_state(qv, K + h * s_akh, s_akn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q, BLOCK_C,
+                                 False, NATIVE, PRECISION)
+            tl.store(LOGZ_ALWAYS + b * s_ab + h * s_ah + offs_q, _finish_lse(m, s), mask=q_ok)
     if DROPPED:
-        for c0 in range(0, NCC, BLOCK_C):
+        for c0 in range(0, NCC * first.to(tl.int32), BLOCK_C):
             offs_c = c0 + offs_cb
             sel = offs_c < NCC
             sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
@@ -94,9 +104,12 @@ def _normaliser_kernel(
         n = tl.load(COUNT + b * s_nb + h * s_nh)
     else:
         n = NC
-    for c0 in range(0, n, BLOCK_C):
+    chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_C) * BLOCK_C
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, n)
+    for c0 in range(lo, hi, BLOCK_C):
         offs = c0 + offs_cb
-        sel = offs < n
+        sel = offs < hi
         if GATHER:
             cid = tl.load(IDX + b * s_ib + h * s_ih + offs, mask=sel, other=0)
         else:
@@ -106,19 +119,20 @@ def _normaliser_kernel(
         logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, qn2, half_s2, HAS_SPREAD)
         logn = tl.log(tl.load(SIZES + h * s_sh + cid, mask=sel, other=1).to(tl.float32))
         m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
-    tl.store(LOGZ + b * s_zb + h * s_zh + offs_q, _finish_lse(m, s), mask=q_ok)
+    tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, _finish_lse(m, s), mask=q_ok)
 
 
 @triton.jit
 def _probs_kernel(
     Q, C, SPREAD, IDX, COUNT, LOGZ, OUT,
-    s_qb, s_qh, s_qm, s_ch, s_cc, s_vh, s_ib, s_ih, s_nb, s_nh, s_zb, s_zh, s_ob, s_oh, s_os,
-    HK, NQ, NC, Q_PER_SPLIT, scale, half_s2, inv_nq,
+    s_qb, s_qh, s_qm, s_ch, s_cc, s_vh, s_ib, s_ih, s_nb, s_nh, s_zb, s_zh, s_zs, s_ob, s_oh, s_os,
+    HK, NQ, NC, NZ, Q_PER_SPLIT, scale, half_s2, inv_nq,
     GATHER: tl.constexpr, HAS_SPREAD: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """OUT[b, h, split, c] = sum over the split's queries of exp(l_qc - LOGZ_q) / NQ for the program's
-    centroids c (listed in IDX with GATHER; untouched entries keep their value)."""
+    """OUT[b, h, split, c] = sum over the split's queries of exp(l_qc - log Z_q) / NQ for the program's
+    centroids c (listed in IDX with GATHER; untouched entries keep their value); log Z_q is the logsumexp of
+    the NZ partial rows LOGZ[b, h, :, q]."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -147,6 +161,9 @@ def _probs_kernel(
             q_ok = offs_q < q_hi
             qv = _load_q(Q + b * s_qb + h * s_qh, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
             logz = tl.load(LOGZ + b * s_zb + h * s_zh + offs_q, mask=q_ok, other=0.0)
+            for k in range(1, NZ):
+                logz = _logaddexp(logz, tl.load(LOGZ + b * s_zb + h * s_zh + k * s_zs + offs_q, mask=q_ok,
+                                                other=0.0))
             logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
             logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, _qnorm2(qv), half_s2, HAS_SPREAD)
             p = tl.exp(logits - logz[:, None])
@@ -236,27 +253,28 @@ class _Many:
                     num_stages=t[f"{kind}_stages"])
 
     def normaliser(self, table, idx=None, count=None, fixed=None, always=None, dropped=None):
-        """log Z [B, Hk, NQ] over ``table``'s centroids (those in ``idx[:, :, :count]`` when given), plus
+        """log Z as partial rows [B, Hk, S, NQ] (logsumexp over S) over ``table``'s centroids (those in ``idx[:, :, :count]`` when given), plus
         exp(``fixed``), the always-attended keys ``always`` = (keys, sink, window) and the coarse clusters
         ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always`` also returns their own
         log-normaliser (else None)."""
         q, dev = self.q, self.dev
-        logz = torch.empty(self.b, self.hk, self.nq, dtype=torch.float32, device=dev)
-        logz_always = torch.empty_like(logz) if always is not None else logz
+        splits = 2 if _interpret() else TUNING_MANY["norm_splits"]  # (the interpreter checks the split path)
+        logz = torch.empty(self.b, self.hk, splits, self.nq, dtype=torch.float32, device=dev)
+        logz_always = torch.empty(self.b, self.hk, self.nq, dtype=torch.float32, device=dev)
         keys, sink, window = always if always is not None else (table.cent, 0, 0)
         keys = keys if keys.stride(-1) == 1 else keys.contiguous()
         n = keys.shape[1]
         sink = min(sink, n)
         window = min(window, n - sink)
-        ctab, keepc = dropped if dropped is not None else (table, logz)
-        dummy = logz
+        dummy = logz_always
+        ctab, keepc = dropped if dropped is not None else (table, dummy)
         idx_t = idx if idx is not None else dummy
         cnt = count if count is not None else dummy
         fx = fixed.float().contiguous() if fixed is not None else dummy
         sp = table.spread if table.spread is not None else dummy
         csp = ctab.spread if ctab.spread is not None else dummy
         cfg = self._launch_cfg("norm")
-        grid = (triton.cdiv(self.nq, cfg["BLOCK_Q"]), self.b * self.hk)
+        grid = (triton.cdiv(self.nq, cfg["BLOCK_Q"]), splits, self.b * self.hk)
         _normaliser_kernel[grid](
             q, table.cent, table.sizes, sp, idx_t, cnt, ctab.cent, ctab.sizes, csp, keepc, keys, fx, logz,
             logz_always,
@@ -264,8 +282,8 @@ class _Many:
             table.sizes.stride(0), sp.stride(0), idx_t.stride(0), idx_t.stride(1), cnt.stride(0), cnt.stride(-1),
             ctab.cent.stride(0), ctab.cent.stride(1), ctab.sizes.stride(0), csp.stride(0), keepc.stride(0),
             keepc.stride(1), keys.stride(0), keys.stride(1), fx.stride(0), fx.stride(1), logz.stride(0),
-            logz.stride(1),
-            self.hk, self.nq, table.nc, ctab.nc, n, sink, window, self.scale, 0.5 * self.scale * self.scale,
+            logz.stride(1), logz.stride(2), logz_always.stride(0), logz_always.stride(1),
+            self.hk, self.nq, table.nc, ctab.nc, n, sink, window, splits, self.scale, 0.5 * self.scale * self.scale,
             GATHER=idx is not None, DROPPED=dropped is not None, ALWAYS=always is not None,
             HAS_FIXED=fixed is not None, HAS_SPREAD=table.spread is not None, HAS_CSPREAD=ctab.spread is not None,
             NATIVE=self._native(table), PRECISION=self.precision, HEAD_DIM=self.d,
@@ -294,8 +312,8 @@ class _Many:
             q, table.cent, sp, idx_t, cnt, logz, dst,
             q.stride(0), q.stride(1), q.stride(2), table.cent.stride(0), table.cent.stride(1), sp.stride(0),
             idx_t.stride(0), idx_t.stride(1), cnt.stride(0), cnt.stride(-1), logz.stride(0), logz.stride(1),
-            dst.stride(0), dst.stride(1), dst.stride(2),
-            self.hk, self.nq, table.nc, q_per, self.scale, 0.5 * self.scale * self.scale, 1.0 / self.nq,
+            logz.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
+            self.hk, self.nq, table.nc, logz.shape[2], q_per, self.scale, 0.5 * self.scale * self.scale, 1.0 / self.nq,
             GATHER=idx is not None, HAS_SPREAD=table.spread is not None, NATIVE=self._native(table),
             PRECISION=self.precision, HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), **cfg,
         )
