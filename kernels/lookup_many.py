@@ -155,7 +155,7 @@ def _probs_kernel(
         cent = _load_cent(C + h * s_ch, s_cc, cid, sel, offs_d, d_ok, NATIVE)
         q_lo = pid_s * Q_PER_SPLIT
         q_hi = tl.minimum(q_lo + Q_PER_SPLIT, NQ)
-        acc = tl.full([BLOCK_C], 0.0, tl.float32)
+        acc = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)  # summed over the query rows once, at the end
         for q0 in range(q_lo, q_hi, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
             q_ok = offs_q < q_hi
@@ -167,8 +167,8 @@ def _probs_kernel(
             logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
             logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, _qnorm2(qv), half_s2, HAS_SPREAD)
             p = tl.exp(logits - logz[:, None])
-            acc += _sum(tl.where(q_ok[:, None] & sel[None, :], p, 0.0), axis=0)
-        tl.store(OUT + b * s_ob + h * s_oh + pid_s * s_os + cid, acc * inv_nq, mask=sel)
+            acc += tl.where(q_ok[:, None] & sel[None, :], p, 0.0)
+        tl.store(OUT + b * s_ob + h * s_oh + pid_s * s_os + cid, _sum(acc, axis=0) * inv_nq, mask=sel)
 
 
 @triton.jit
