@@ -39,20 +39,9 @@ def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device):
     return layer, q, fns
 
 
-def profile(fn, log) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
-
-    fn()
-    torch.cuda.synchronize()
-    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
-
-
 def main() -> None:
     from sqattn_index.bench import Timer
+    from sqattn_index.bench import profile_step as profile
     from sqattn_index.kernels import lookup as lk
     from sqattn_index.kernels import lookup_many as lm
     from sqattn_index.kernels.sparse_attention import sparse_attention_positions

@@ -51,6 +51,17 @@ def _interpret() -> bool:
 
 
 @triton.jit
+def _listed_centroids(C, IDX, offs, sel, offs_d, d_ok, s_cc, GATHER: tl.constexpr, NATIVE: tl.constexpr):
+    """Centroid ids at list slots ``offs`` (IDX points at this head's list with GATHER, else slot = id) and
+    their rows [BLOCK_C, BLOCK_D] (C points at this head's table; zeros where not ``sel``)."""
+    if GATHER:
+        cid = tl.load(IDX + offs, mask=sel, other=0)
+    else:
+        cid = offs
+    return cid, _load_cent(C, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+
+
+@triton.jit
 def _normaliser_kernel(
     Q, C, SIZES, SPREAD, IDX, COUNT, CC, CSIZES, CSPREAD, KEEPC, K, FIXED, LOGZ, LOGZ_ALWAYS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_vh, s_ib, s_ih, s_nb, s_nh,
@@ -110,11 +121,8 @@ def _normaliser_kernel(
     for c0 in range(lo, hi, BLOCK_C):
         offs = c0 + offs_cb
         sel = offs < hi
-        if GATHER:
-            cid = tl.load(IDX + b * s_ib + h * s_ih + offs, mask=sel, other=0)
-        else:
-            cid = offs
-        cent = _load_cent(C + h * s_ch, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+        cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
+                                      GATHER, NATIVE)
         logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
         logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, qn2, half_s2, HAS_SPREAD)
         logn = tl.log(tl.load(SIZES + h * s_sh + cid, mask=sel, other=1).to(tl.float32))
@@ -148,11 +156,8 @@ def _probs_kernel(
         d_ok = offs_d < HEAD_DIM
         offs = c0 + tl.arange(0, BLOCK_C)
         sel = offs < n
-        if GATHER:
-            cid = tl.load(IDX + b * s_ib + h * s_ih + offs, mask=sel, other=0)
-        else:
-            cid = offs
-        cent = _load_cent(C + h * s_ch, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+        cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
+                                      GATHER, NATIVE)
         q_lo = pid_s * Q_PER_SPLIT
         q_hi = tl.minimum(q_lo + Q_PER_SPLIT, NQ)
         acc = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)  # summed over the query rows once, at the end
