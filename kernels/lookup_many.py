@@ -15,6 +15,8 @@ tensor-core tile is full: query tiles of ``BLOCK_Q`` rows against centroid tiles
                         full whatever the number of fine clusters per coarse one.
 
 Nothing reads a device value on the host (the fine grids are sized by the clusters that could be kept).
+Like the other kernels, these avoid Triton's jit-decorated library (tl.zeros, tl.cdiv, tl.sum, ...), which the
+interpreter cannot run when Triton was imported before TRITON_INTERPRET was set.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _normaliser_kernel(
         n = tl.load(COUNT + b * s_nb + h * s_nh)
     else:
         n = NC
-    chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_C) * BLOCK_C
+    chunk = ((n + NSPLIT - 1) // NSPLIT + BLOCK_C - 1) // BLOCK_C * BLOCK_C
     lo = pid_s * chunk
     hi = tl.minimum(lo + chunk, n)
     for c0 in range(lo, hi, BLOCK_C):
@@ -183,7 +185,7 @@ def _coarse_excl_kernel(KEEPC, COFF, EXCL, COUNT, s_kb, s_kh, s_oh, s_eb, s_eh, 
     pid_bh = tl.program_id(0)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    carry = _sum(tl.zeros([1], tl.int32), 0)  # a 0-d int32 loop carry
+    carry = _sum(tl.full([1], 0, tl.int32), 0)  # a 0-d int32 loop carry
     for g0 in range(0, NCC, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         ok = g < NCC
@@ -209,8 +211,8 @@ def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh,
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = f < NC
     coff = COFF + h * s_oh
-    lo = tl.zeros([BLOCK_F], tl.int32)  # parent = number of coarse ends COFF[1 ..] <= f
-    hi = tl.zeros([BLOCK_F], tl.int32) + NCC
+    lo = tl.full([BLOCK_F], 0, tl.int32)  # parent = number of coarse ends COFF[1 ..] <= f
+    hi = tl.full([BLOCK_F], 0, tl.int32) + NCC
     for _ in tl.static_range(SEARCH_STEPS):
         mid = (lo + hi) // 2
         end = tl.load(coff + 1 + mid, mask=ok & (mid < NCC), other=0)
@@ -220,7 +222,7 @@ def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh,
     parent = tl.minimum(lo, NCC - 1)
     kept = (tl.load(KEEPC + b * s_kb + h * s_kh + parent, mask=ok, other=0) != 0) & ok
     tl.store(ALLOWED + b * s_ab + h * s_ah + f, kept.to(tl.uint8), mask=ok)
-    tl.store(PROBS + b * s_pb + h * s_ph + f, tl.zeros([BLOCK_F], tl.float32), mask=ok & ~kept)
+    tl.store(PROBS + b * s_pb + h * s_ph + f, tl.full([BLOCK_F], 0.0, tl.float32), mask=ok & ~kept)
     first = tl.load(coff + parent, mask=ok, other=0).to(tl.int32)
     slot = tl.load(EXCL + b * s_eb + h * s_eh + parent, mask=kept, other=0) + (f - first)
     tl.store(IDX + b * s_ib + h * s_ih + slot, f, mask=kept)
