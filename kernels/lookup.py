@@ -28,7 +28,7 @@ import triton
 
 from .budget import budget_mask, budget_mask_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
-from .lookup_many import many_query_lookup
+from .lookup_many import many_query_lookup, write_seglen
 from .positions import kept_positions, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
@@ -273,8 +273,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     else:
         keep = keep.view(torch.bool)
     if seglen is not None and thr is not None and fine.nqc > 1:
-        seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
-        seglen[..., 0], seglen[..., -1] = sink, window
+        write_seglen(seglen, keep, fine_sizes, sink, window)
     return keep, allowed, probs, coarse_probs
 
 

@@ -21,8 +21,6 @@ interpreter cannot run when Triton was imported before TRITON_INTERPRET was set.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +28,7 @@ import triton.language as tl
 from .budget import budget_mask
 from .lookup_kernels import (_add_spread, _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _online,
                              _qnorm2, _scores)
-from .sparse_attention import _cumsum, _sum
+from .sparse_attention import _cumsum, _interpret, _sum
 
 __all__ = ["many_query_lookup", "TUNING_MANY"]
 
@@ -45,10 +43,6 @@ TUNING_MANY = {"norm_block_q": 64, "norm_block_c": 128, "norm_warps": 4, "norm_s
 # log-normalisers are merged where they are read.
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 
 
@@ -61,6 +55,17 @@ def _listed_centroids(C, IDX, offs, sel, offs_d, d_ok, s_cc, GATHER: tl.constexp
     else:
         cid = offs
     return cid, _load_cent(C, s_cc, cid, sel, offs_d, d_ok, NATIVE)
+
+
+@triton.jit
+def _terms(qv, qn2, cent, cid, sel, SIZES, SPREAD, scale, half_s2, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
+           HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Normaliser terms log(n_c) + l_qc [BLOCK_Q, BLOCK_C] of centroid rows ``cent`` (ids ``cid``; -inf where
+    not ``sel``); SIZES / SPREAD point at this head's rows."""
+    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
+    logits = _add_spread(logits, SPREAD, cid, sel, qn2, half_s2, HAS_SPREAD)
+    logn = tl.log(tl.load(SIZES + cid, mask=sel, other=1).to(tl.float32))
+    return tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
 
 
 @triton.jit
@@ -109,10 +114,8 @@ def _normaliser_kernel(
             sel = offs_c < NCC
             sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
             cent = _load_cent(CC + h * s_cch, s_ccc, offs_c, sel, offs_d, d_ok, NATIVE)
-            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
-            logits = _add_spread(logits, CSPREAD + h * s_cvh, offs_c, sel, qn2, half_s2, HAS_CSPREAD)
-            logn = tl.log(tl.load(CSIZES + h * s_csh + offs_c, mask=sel, other=1).to(tl.float32))
-            m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
+            m, s = _online(m, s, _terms(qv, qn2, cent, offs_c, sel, CSIZES + h * s_csh, CSPREAD + h * s_cvh, scale,
+                                        half_s2, NATIVE, PRECISION, HAS_CSPREAD, BLOCK_Q, BLOCK_C))
     if GATHER:
         n = tl.load(COUNT + b * s_nb + h * s_nh)
     else:
@@ -125,10 +128,8 @@ def _normaliser_kernel(
         sel = offs < hi
         cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
                                       GATHER, NATIVE)
-        logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
-        logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, qn2, half_s2, HAS_SPREAD)
-        logn = tl.log(tl.load(SIZES + h * s_sh + cid, mask=sel, other=1).to(tl.float32))
-        m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
+        m, s = _online(m, s, _terms(qv, qn2, cent, cid, sel, SIZES + h * s_sh, SPREAD + h * s_vh, scale, half_s2,
+                                    NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C))
     tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, _finish_lse(m, s), mask=q_ok)
 
 
@@ -362,6 +363,13 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
     return idx, count, allowed
 
 
+def write_seglen(seglen: torch.Tensor, keep: torch.Tensor, fine_sizes: torch.Tensor, sink: int, window: int) -> None:
+    """Kept segment lengths [B, Hk, Cf + 2] (sinks, kept fine cluster sizes, window) from a keep mask, for
+    threshold decisions taken on the host side."""
+    seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
+    seglen[..., 0], seglen[..., -1] = sink, window
+
+
 def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
                       coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, *, seglen=None, sink=0,
                       window=0, fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None,
@@ -395,6 +403,5 @@ def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_si
     if allowed is not None:
         keep &= allowed.bool()
     if seglen is not None:
-        seglen[..., 1:-1] = torch.where(keep, fine_sizes.unsqueeze(0), 0)
-        seglen[..., 0], seglen[..., -1] = sink, window
+        write_seglen(seglen, keep, fine_sizes, sink, window)
     return keep, allowed, probs, coarse_probs
