@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--sparse", action="store_true", help="also sweep the sparse prefill kernel at one split")
+    ap.add_argument("--budget", action="store_true", help="also sweep the budget launch's warp rule")
     a = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps)
@@ -105,6 +106,15 @@ def main() -> None:
             profile(lookup, log)
             lm.TUNING_MANY.clear()
             lm.TUNING_MANY.update(default)
+            if a.budget:
+                from sqattn_index.kernels import budget as bm
+
+                rule = dict(bm.WARP_RULE)
+                for over in ({}, dict(min_warps=1), dict(min_warps=2), dict(per_warp=1024, min_warps=1),
+                             dict(per_warp=256, min_warps=1), dict(per_warp=1024, min_warps=4)):
+                    bm.WARP_RULE.update(rule, **over)
+                    log(f"  budget warp rule {bm.WARP_RULE}: lookup {timer(lookup):.4f} ms")
+                bm.WARP_RULE.update(rule)
             sparse = [(0.0, "not swept")]
             if a.sparse:
                 _, _, pos, total = lookup()

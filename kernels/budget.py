@@ -121,9 +121,17 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
 
 
 MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
-WARPS = None  # warps per program (None: BLOCK / 512, clamped to 4..16); a launch setting for sweeps
+WARPS = None  # warps per program (None: the rule below); a launch setting for sweeps
+# the rule: BLOCK / per_warp warps, clamped to [min_warps, 16]. Fewer warps make each round's reductions
+# cheaper (no cross-warp step with one warp) but give each thread more clusters; small levels (a coarse level
+# of a few hundred clusters) may prefer fewer than the fine level's 16.
+WARP_RULE = {"per_warp": 512, "min_warps": 4}
 KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 sweep: 2 beats 1, 4 and 8;
 # benchmarks/gpu_flat_lookup_sweep.py, docs/bench/README.md)
+
+
+def _warps(block: int) -> int:
+    return min(16, max(WARP_RULE["min_warps"], block // WARP_RULE["per_warp"]))
 
 
 def _fallback(probs, sizes, allowed, target, seglen, sink, window, excl):
@@ -173,7 +181,7 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
-        BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or min(16, max(4, block // 512)),
+        BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or _warps(block),
     )
     return keep.view(torch.bool)
 

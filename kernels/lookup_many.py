@@ -26,9 +26,8 @@ import triton
 import triton.language as tl
 
 from .budget import budget_mask
-from .lookup_kernels import (_add_spread, _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _online,
-                             _qnorm2, _scores)
-from .sparse_attention import _cumsum, _interpret, _sum
+from .lookup_kernels import _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _qnorm2, _scores
+from .sparse_attention import _cumsum, _interpret, _max, _sum
 
 __all__ = ["many_query_lookup", "TUNING_MANY"]
 
@@ -57,15 +56,32 @@ def _listed_centroids(C, IDX, offs, sel, offs_d, d_ok, s_cc, GATHER: tl.constexp
     return cid, _load_cent(C, s_cc, cid, sel, offs_d, d_ok, NATIVE)
 
 
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
 @triton.jit
-def _terms(qv, qn2, cent, cid, sel, SIZES, SPREAD, scale, half_s2, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
-           HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Normaliser terms log(n_c) + l_qc [BLOCK_Q, BLOCK_C] of centroid rows ``cent`` (ids ``cid``; -inf where
-    not ``sel``); SIZES / SPREAD point at this head's rows."""
-    logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
-    logits = _add_spread(logits, SPREAD, cid, sel, qn2, half_s2, HAS_SPREAD)
-    logn = tl.log(tl.load(SIZES + cid, mask=sel, other=1).to(tl.float32))
-    return tl.where(sel[None, :], logits + logn[None, :], float("-inf"))
+def _terms2(qv, a_q, cent, cid, sel, SIZES, SPREAD, scale2, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
+            HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Normaliser terms in base 2, (log(n_c) + l_qc) / ln 2 [BLOCK_Q, BLOCK_C], -inf where not ``sel``
+    (through the per-centroid bias, so no per-pair select); ``scale2`` = s / ln 2, ``a_q`` = s^2 |q|^2 / (2 ln 2)
+    (the variance term's query factor); SIZES / SPREAD point at this head's rows. Per pair that is the dot,
+    two fused multiply-adds and nothing else: these launches are ALU-bound on the H100."""
+    bias = tl.where(sel, tl.log2(tl.load(SIZES + cid, mask=sel, other=1).to(tl.float32)), float("-inf"))
+    if HAS_SPREAD:
+        v = tl.load(SPREAD + cid, mask=sel, other=0.0).to(tl.float32)
+        extra = a_q[:, None] * v[None, :] + bias[None, :]
+    else:
+        extra = bias[None, :]
+    return _scores(qv, cent, scale2, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION) + extra
+
+
+@triton.jit
+def _online2(m, s, t):
+    """``_online`` in base 2: running (max m, sum s) [BLOCK_Q] over 2^t, t [BLOCK_Q, BLOCK_C] (-inf: none)."""
+    m_new = tl.maximum(m, _max(t, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp2(m - m_safe) + _sum(tl.exp2(t - m_safe[:, None]), axis=1)
 
 
 @triton.jit
@@ -95,27 +111,30 @@ def _normaliser_kernel(
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < NQ
     qv = _load_q(Q + b * s_qb + h * s_qh, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
-    qn2 = _qnorm2(qv)
+    a_q = _qnorm2(qv) * half_s2 * 1.4426950408889634
+    scale2 = scale * 1.4426950408889634
+    # the running state is in base 2: m in log2 units, s relative to 2^m
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     s = tl.full([BLOCK_Q], 0.0, tl.float32)
     first = pid_s == 0
     if HAS_FIXED:
         if first:
-            m = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
+            m = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf")) * 1.4426950408889634
             s = tl.where(m == float("-inf"), 0.0, 1.0)
     if ALWAYS:
         if first:
             m, s = _always_state(qv, K + h * s_akh, s_akn, N, SINK, WINDOW, scale, offs_d, d_ok, BLOCK_Q, BLOCK_C,
                                  False, NATIVE, PRECISION)
             tl.store(LOGZ_ALWAYS + b * s_ab + h * s_ah + offs_q, _finish_lse(m, s), mask=q_ok)
+            m = m * 1.4426950408889634  # (natural-log state -> base 2; s is unchanged)
     if DROPPED:
         for c0 in range(0, NCC * first.to(tl.int32), BLOCK_C):
             offs_c = c0 + offs_cb
             sel = offs_c < NCC
             sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
             cent = _load_cent(CC + h * s_cch, s_ccc, offs_c, sel, offs_d, d_ok, NATIVE)
-            m, s = _online(m, s, _terms(qv, qn2, cent, offs_c, sel, CSIZES + h * s_csh, CSPREAD + h * s_cvh, scale,
-                                        half_s2, NATIVE, PRECISION, HAS_CSPREAD, BLOCK_Q, BLOCK_C))
+            m, s = _online2(m, s, _terms2(qv, a_q, cent, offs_c, sel, CSIZES + h * s_csh, CSPREAD + h * s_cvh,
+                                          scale2, NATIVE, PRECISION, HAS_CSPREAD, BLOCK_Q, BLOCK_C))
     if GATHER:
         n = tl.load(COUNT + b * s_nb + h * s_nh)
     else:
@@ -128,9 +147,10 @@ def _normaliser_kernel(
         sel = offs < hi
         cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
                                       GATHER, NATIVE)
-        m, s = _online(m, s, _terms(qv, qn2, cent, cid, sel, SIZES + h * s_sh, SPREAD + h * s_vh, scale, half_s2,
-                                    NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C))
-    tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, _finish_lse(m, s), mask=q_ok)
+        m, s = _online2(m, s, _terms2(qv, a_q, cent, cid, sel, SIZES + h * s_sh, SPREAD + h * s_vh, scale2, NATIVE,
+                                      PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C))
+    logz = (tl.where(m == float("-inf"), 0.0, m) + tl.log2(s)) * 0.6931471805599453
+    tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, logz, mask=q_ok)
 
 
 @triton.jit
@@ -161,6 +181,9 @@ def _probs_kernel(
         sel = offs < n
         cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
                                       GATHER, NATIVE)
+        scale2 = scale * 1.4426950408889634
+        if HAS_SPREAD:
+            v = tl.load(SPREAD + h * s_vh + cid, mask=sel, other=0.0).to(tl.float32)
         q_lo = pid_s * Q_PER_SPLIT
         q_hi = tl.minimum(q_lo + Q_PER_SPLIT, NQ)
         acc = tl.full([BLOCK_Q, BLOCK_C], 0.0, tl.float32)  # summed over the query rows once, at the end
@@ -172,10 +195,14 @@ def _probs_kernel(
             for k in range(1, NZ):
                 logz = _logaddexp(logz, tl.load(LOGZ + b * s_zb + h * s_zh + k * s_zs + offs_q, mask=q_ok,
                                                 other=0.0))
-            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION)
-            logits = _add_spread(logits, SPREAD + h * s_vh, cid, sel, _qnorm2(qv), half_s2, HAS_SPREAD)
-            p = tl.exp(logits - logz[:, None])
-            acc += tl.where(q_ok[:, None] & sel[None, :], p, 0.0)
+            # base 2, -log Z folded into the bias: the dot, two fused multiply-adds and one exp2 per pair. Rows
+            # past the split get 2^-inf = 0; columns of unselected centroids are never stored.
+            nlz = tl.where(q_ok, -logz * 1.4426950408889634, float("-inf"))
+            if HAS_SPREAD:
+                extra = (_qnorm2(qv) * half_s2 * 1.4426950408889634)[:, None] * v[None, :] + nlz[:, None]
+            else:
+                extra = nlz[:, None]
+            acc += tl.exp2(_scores(qv, cent, scale2, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION) + extra)
         tl.store(OUT + b * s_ob + h * s_oh + pid_s * s_os + cid, _sum(acc, axis=0) * inv_nq, mask=sel)
 
 

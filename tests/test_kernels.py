@@ -166,6 +166,34 @@ def test_sparse_attention_nothing_kept():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("kept", [pytest.param((32, 7), id="two-whole-tiles|one-partial"),
+                                  pytest.param((48, 16), id="three-whole|one-whole"),
+                                  pytest.param((33, 1), id="whole-plus-one|single-key")])
+def test_sparse_attention_whole_and_partial_tiles(kept):
+    """Programs whose kept keys fill whole tiles only (no masked tail), or a partial tile only."""
+    gen = torch.Generator().manual_seed(sum(kept))
+    n = 80
+    q = torch.randn(1, 4, 1, 64, generator=gen).to(DEV)
+    keys = torch.randn(2, n, 64, generator=gen).to(DEV)
+    values = torch.randn(2, n, 64, generator=gen).to(DEV)
+    starts = torch.tensor([[[3], [n - kept[1]]]], dtype=torch.int64, device=DEV)
+    ends = starts + torch.tensor([[[kept[0]], [kept[1]]]], dtype=torch.int64, device=DEV)
+    counts = torch.ones(1, 2, dtype=torch.int64, device=DEV)
+    for splits in (1, 2):
+        out, lse = sparse_attention(q, keys, values, starts, ends, counts, 0.125, num_splits=splits, block_n=16)
+        rout, rlse = ref.sparse_attention_ref(q, keys, values, starts, ends, counts, 0.125)
+        _check_attention(out, lse, rout, rlse, counts, 2, attn_tol(torch.float32))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan")])
+def test_sparse_attention_rejects_non_positive_scale(scale):
+    q = torch.randn(1, 2, 1, 64).to(DEV)
+    keys = torch.randn(1, 20, 64).to(DEV)
+    s = torch.zeros(1, 1, 1, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="positive softmax scale"):
+        sparse_attention(q, keys, keys, s, s + 5, s[..., 0] + 1, scale)
+
+
 def test_sparse_attention_strided_kv():
     """K/V as a head-major slice of a larger cache (non-contiguous head stride)."""
     gen = torch.Generator().manual_seed(7)
