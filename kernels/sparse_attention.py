@@ -66,33 +66,23 @@ def _cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale,
-                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step of a query tile over one tile of gathered keys. Running max ``m_i`` is kept in
-    raw q.k units (qk_scale > 0), so the scale folds into the exponent's one fused multiply-add per pair;
-    only the last, partial tile of a program (MASKED) pays the key mask."""
-    if MASKED:
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
+    """One online-softmax step of a query tile over one tile of gathered keys (``n_ok``: the real ones). The
+    running max ``m_i`` is kept in raw q.k units (qk_scale > 0, and it carries log2(e)), so the scale folds
+    into the exponent's one fused multiply-add per pair."""
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw q.k
-    if MASKED:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    s = tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # [BLOCK_M, BLOCK_N] raw q.k
     m_new = tl.maximum(m_i, _max(s, axis=1))
     m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
     alpha = tl.exp2(m_i * qk_scale - m_scaled)
-    p = tl.exp2(s * qk_scale - m_scaled[:, None])  # base-2 logits: qk_scale carries log2(e)
+    p = tl.exp2(s * qk_scale - m_scaled[:, None])
     l_i = l_i * alpha + _sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -117,8 +107,7 @@ def _sparse_attn_kernel(
     total = tl.load(TOTAL + b * s_tb + h * s_th)
     chunk = ((total + NSPLIT - 1) // NSPLIT + 15) // 16 * 16
     lo = pid_s * chunk
-    hi = tl.maximum(tl.minimum(lo + chunk, total), lo)
-    full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N  # whole tiles end here; at most one partial tile follows
+    hi = tl.minimum(lo + chunk, total)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -137,19 +126,16 @@ def _sparse_attn_kernel(
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     pos_next = tl.load(pos_base + lo + offs_n, mask=lo + offs_n < hi, other=0)
-    for start in range(lo, full_hi, BLOCK_N):
+    # Every tile is masked: peeling the last, partial tile off (whole tiles unmasked) was 12% slower in
+    # prefill on an H100 (the pipelined loop is what matters; docs/bench/session7/sparse_variants.txt).
+    for start in range(lo, hi, BLOCK_N):
         pos = pos_next.to(tl.int64)
         # the next tile's positions load now, so its K/V gathers need not wait for them
         nxt = start + BLOCK_N + offs_n
         pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
         m_i, l_i, acc = _attend_tile(q, k_base + pos[:, None] * s_kn + offs_d[None, :],
-                                     v_base + pos[:, None] * s_vn + offs_d[None, :], offs_n < BLOCK_N, d_ok,
-                                     m_i, l_i, acc, qk_scale, False, BLOCK_D == HEAD_DIM, UPCAST)
-    if full_hi < hi:
-        pos = pos_next.to(tl.int64)
-        m_i, l_i, acc = _attend_tile(q, k_base + pos[:, None] * s_kn + offs_d[None, :],
-                                     v_base + pos[:, None] * s_vn + offs_d[None, :], full_hi + offs_n < hi, d_ok,
-                                     m_i, l_i, acc, qk_scale, True, BLOCK_D == HEAD_DIM, UPCAST)
+                                     v_base + pos[:, None] * s_vn + offs_d[None, :], start + offs_n < hi, d_ok,
+                                     m_i, l_i, acc, qk_scale, UPCAST)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)

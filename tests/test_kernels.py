@@ -170,7 +170,7 @@ def test_sparse_attention_nothing_kept():
                                   pytest.param((48, 16), id="three-whole|one-whole"),
                                   pytest.param((33, 1), id="whole-plus-one|single-key")])
 def test_sparse_attention_whole_and_partial_tiles(kept):
-    """Programs whose kept keys fill whole tiles only (no masked tail), or a partial tile only."""
+    """Programs whose kept keys fill whole tiles only, or end in a partial tile, or hold one key."""
     gen = torch.Generator().manual_seed(sum(kept))
     n = 80
     q = torch.randn(1, 4, 1, 64, generator=gen).to(DEV)
