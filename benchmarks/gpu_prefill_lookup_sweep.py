@@ -21,8 +21,8 @@ import json
 import torch
 
 
-def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device):
-    """(layer, q, closures by mode) for one shape: mode -> (step, lookup)."""
+def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device, hierarchical: bool = True):
+    """(layer, q, closures by mode) for one shape: mode -> (step, lookup); ``hierarchical=False``: flat lookup."""
     from sqattn_index.bench import SHAPES, BenchConfig, calibrate, make_queries, squeezed_fns, synthetic_layer
 
     cfg = BenchConfig()
@@ -34,8 +34,8 @@ def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device):
     fthr, cthr = calibrate(layer, qg, keep, cfg, scale)
     fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
     budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
-    fns = {"budget": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", budgets),
-           "threshold": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", None)}
+    fns = {"budget": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", budgets, hierarchical),
+           "threshold": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", None, hierarchical)}
     return layer, q, fns
 
 
@@ -107,14 +107,14 @@ def main() -> None:
             lm.TUNING_MANY.clear()
             lm.TUNING_MANY.update(default)
             if a.budget:
-                from sqattn_index.kernels import budget as bm
+                from sqattn_index.kernels import budget as budget_mod
 
-                rule = dict(bm.WARP_RULE)
+                rule = dict(budget_mod.WARP_RULE)
                 for over in ({}, dict(min_warps=1), dict(min_warps=2), dict(per_warp=1024, min_warps=1),
                              dict(per_warp=256, min_warps=1), dict(per_warp=1024, min_warps=4)):
-                    bm.WARP_RULE.update(rule, **over)
-                    log(f"  budget warp rule {bm.WARP_RULE}: lookup {timer(lookup):.4f} ms")
-                bm.WARP_RULE.update(rule)
+                    budget_mod.WARP_RULE.update(rule, **over)
+                    log(f"  budget warp rule {budget_mod.WARP_RULE}: lookup {timer(lookup):.4f} ms")
+                budget_mod.WARP_RULE.update(rule)
             sparse = [(0.0, "not swept")]
             if a.sparse:
                 _, _, pos, total = lookup()

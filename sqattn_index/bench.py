@@ -218,9 +218,10 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
 
 
 def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str, estimate: str = "full",
-                 budgets=None):
+                 budgets=None, hierarchical: bool = True):
     """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]; ``budgets``
-    (fine, coarse) [1, Hk] selects by budget instead of the thresholds."""
+    (fine, coarse) [1, Hk] selects by budget instead of the thresholds; ``hierarchical=False``: a flat
+    lookup over every fine centroid (as the engine does for decode above ``FLAT_ABOVE``)."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.positions import segment_lows
     from .kernels.sparse_attention import sparse_attention_positions
@@ -231,7 +232,7 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
     lows = segment_lows(layer.fine_offsets, n, layer.window)
     sel = (fthr, cthr, None, None) if budgets is None else (None, None, *budgets)
     largs = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-             layer.coarse_offsets, *sel, scale, True)
+             layer.coarse_offsets, *sel, scale, hierarchical)
 
     def lookup():
         return centroid_lookup_positions(*largs, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink,
