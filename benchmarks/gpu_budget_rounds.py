@@ -1,8 +1,11 @@
-"""GPU A/B of the budget search's round form (``budget.SCALAR_ROUNDS``: KWAY independent scalar reductions
-and scalar bookkeeping, or one [KWAY, BLOCK] reduction plus small reductions over its KWAY results) and of
-``budget.KWAY``, timed as whole lookups at 128K, keep 0.1, budget mode (CUDA-graph timing, L2 flushed,
+"""GPU timing of the budget search's thresholds per round (``budget.KWAY``), as whole lookups at 128K, keep 0.1, budget mode (CUDA-graph timing, L2 flushed,
 ``bench.Timer``): decode hierarchical and flat (the engine's decode above ``FLAT_ABOVE``) and prefill (512
 question tokens), on the synthetic clustered layer of ``sqattn_index.bench``.
+
+The session-7 run (docs/bench/session7/budget_rounds.txt) was made at commit 8853b5e, which also had a
+variant of the rounds (KWAY independent scalar reductions with scalar bookkeeping, instead of one [KWAY, BLOCK]
+reduction and small reductions over its results): the two were within 1-3% of each other everywhere, so the
+variant was removed (the rounds are not what the launch spends its time on).
 
     python benchmarks/gpu_budget_rounds.py [--shapes llama3-8b,llama2-7b]
 """
@@ -32,14 +35,14 @@ def main() -> None:
         _, _, fns = build(shape, a.context, 0.1, tokens, dev, hierarchical=hier)
         step, lookup = fns["budget"]
         ref_keep = None
-        for scalar, kway in itertools.product((False, True), (2, 4, 8)):
-            budget_mod.SCALAR_ROUNDS, budget_mod.KWAY = scalar, kway
+        for kway in (2, 4, 8):
+            budget_mod.KWAY = kway
             keep = lookup()[0]
             same = ref_keep is None or torch.equal(keep, ref_keep)
             ref_keep = keep if ref_keep is None else ref_keep
-            print(f"{shape} T={tokens} {'hier' if hier else 'flat'} scalar_rounds={scalar!s:5} kway={kway}: "
+            print(f"{shape} T={tokens} {'hier' if hier else 'flat'} kway={kway}: "
                   f"lookup {timer(lookup):.4f} ms, step {timer(step):.4f} ms, same selection {same}", flush=True)
-        budget_mod.SCALAR_ROUNDS, budget_mod.KWAY = True, 2
+        budget_mod.KWAY = 2
         del fns
         torch.cuda.empty_cache()
 

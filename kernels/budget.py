@@ -52,7 +52,6 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
                    s_pb, s_ph, s_sh, s_ab, s_ah, s_tb, s_th, s_kb, s_kh, s_eb, s_eh, s_xb, s_xh,
                    s_gb, s_gh, s_gq, s_rb, s_rh, s_rk, s_fb, s_fh,
                    HK, NC, NQ, NB, sink_len, window_len, slack, ITERS: tl.constexpr, KWAY: tl.constexpr,
-                   SCALAR_ROUNDS: tl.constexpr,
                    BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
                    WRITE_EXCL: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_FIXED: tl.constexpr,
                    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -93,34 +92,15 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
     it = 0
     mid = lo + (hi - lo) * 0.5
     while (it < ITERS) & (mid > lo) & (mid < hi) & ((slack == 0.0) | (kept_lo > enough)):
-        if SCALAR_ROUNDS:
-            # KWAY independent full reductions, then scalar bookkeeping only: the kept count falls as the
-            # threshold rises, so the taken candidates are a prefix; lo moves to the last, hi to the first other
-            new_lo = lo
-            new_hi = hi
-            new_kept = kept_lo
-            failed = it < 0  # a scalar False
-            for j in tl.static_range(KWAY):
-                cand_j = lo + (hi - lo) * ((j + 1) / (KWAY + 1))
-                kept_j = _sum(tl.where(lp >= cand_j, sz, 0.0), axis=0)
-                take_j = kept_j >= target
-                new_lo = tl.where(take_j, cand_j, new_lo)
-                new_kept = tl.where(take_j, kept_j, new_kept)
-                new_hi = tl.where(take_j | failed, new_hi, cand_j)
-                failed = failed | (kept_j < target)
-            lo = new_lo.to(tl.float32)
-            hi = new_hi.to(tl.float32)
-            kept_lo = new_kept
-        else:
-            cand = lo + (hi - lo) * frac  # [KWAY] increasing thresholds inside (lo, hi)
-            kept = _sum(tl.where(lp[None, :] >= cand[:, None], sz[None, :], 0.0), axis=1)  # [KWAY], non-increasing
-            take = kept >= target
-            n_take = _sum(take.to(tl.int32), axis=0)
-            new_lo = _max(tl.where(take, cand, float("-inf")), axis=0)
-            new_hi = -_max(tl.where(take, float("-inf"), -cand), axis=0)
-            lo = tl.where(n_take > 0, new_lo, lo).to(tl.float32)
-            kept_lo = tl.where(n_take > 0, -_max(tl.where(take, -kept, float("-inf")), axis=0), kept_lo)
-            hi = tl.where(n_take < KWAY, new_hi, hi).to(tl.float32)
+        cand = lo + (hi - lo) * frac  # [KWAY] increasing thresholds inside (lo, hi)
+        kept = _sum(tl.where(lp[None, :] >= cand[:, None], sz[None, :], 0.0), axis=1)  # [KWAY], non-increasing
+        take = kept >= target
+        n_take = _sum(take.to(tl.int32), axis=0)
+        new_lo = _max(tl.where(take, cand, float("-inf")), axis=0)
+        new_hi = -_max(tl.where(take, float("-inf"), -cand), axis=0)
+        lo = tl.where(n_take > 0, new_lo, lo).to(tl.float32)
+        kept_lo = tl.where(n_take > 0, -_max(tl.where(take, -kept, float("-inf")), axis=0), kept_lo)
+        hi = tl.where(n_take < KWAY, new_hi, hi).to(tl.float32)
         mid = lo + (hi - lo) * 0.5
         it += 1
     lo = tl.where(target > 0, lo, float("inf")).to(tl.float32)  # a target of 0 keeps nothing
@@ -146,10 +126,6 @@ WARPS = None  # warps per program (None: the rule below); a launch setting for s
 # cheaper (no cross-warp step with one warp) but give each thread more clusters; small levels (a coarse level
 # of a few hundred clusters) may prefer fewer than the fine level's 16.
 WARP_RULE = {"per_warp": 512, "min_warps": 4}
-# A search round as KWAY independent scalar reductions plus scalar bookkeeping (True), or one [KWAY, BLOCK]
-# reduction plus small reductions over the KWAY results (False); a launch setting (H100 A/B in
-# docs/bench/session7/).
-SCALAR_ROUNDS = True
 KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 sweep: 2 beats 1, 4 and 8;
 # benchmarks/gpu_flat_lookup_sweep.py, docs/bench/README.md)
 
@@ -202,7 +178,7 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         target.stride(1), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), exc.stride(0),
         exc.stride(1), lg.stride(0), lg.stride(1), lg.stride(2), pt.stride(0), pt.stride(1), pt.stride(2),
         fz.stride(0), fz.stride(1), hk, c, nq, nb, sink, window, slack,
-        ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, SCALAR_ROUNDS=SCALAR_ROUNDS, BLOCK=block, HAS_ALLOWED=allowed is not None,
+        ITERS=math.ceil(iters / math.log2(KWAY + 1)), KWAY=KWAY, BLOCK=block, HAS_ALLOWED=allowed is not None,
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
         BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or _warps(block),

@@ -678,14 +678,11 @@ def test_budget_positions_fallback_past_max_clusters(monkeypatch):
 
 
 @pytest.mark.parametrize("kway", [2, 8])
-@pytest.mark.parametrize("scalar_rounds", [True, False], ids=["scalar-rounds", "tile-rounds"])
-def test_budget_mask_multiway_search_matches_ref(monkeypatch, kway, scalar_rounds):
-    """The search tests ``KWAY`` thresholds per round, as KWAY scalar reductions or one tile reduction (launch
-    settings): same decisions as the reference."""
+def test_budget_mask_multiway_search_matches_ref(monkeypatch, kway):
+    """The search tests ``KWAY`` thresholds per round (a launch setting): same decisions as the reference."""
     from sqattn_index.kernels import budget as budget_mod
 
     monkeypatch.setattr(budget_mod, "KWAY", kway)
-    monkeypatch.setattr(budget_mod, "SCALAR_ROUNDS", scalar_rounds)
     gen = torch.Generator().manual_seed(kway)
     probs = torch.exp(-12 * torch.rand(2, 3, 300, generator=gen))
     sizes = torch.randint(1, 30, (3, 300), generator=gen)
