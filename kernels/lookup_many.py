@@ -256,6 +256,31 @@ def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh,
     tl.store(IDX + b * s_ib + h * s_ih + slot, f, mask=kept)
 
 
+@triton.jit
+def _decide_kernel(P, THR, ALLOWED, SIZES, KEEP, SEGLEN, s_pb, s_ph, s_ab, s_ah, s_sh, s_kb, s_kh, s_eb, s_eh,
+                   HK, NC, SINK, WINDOW, HAS_ALLOWED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Threshold decisions in one launch: KEEP[b, h, c] = P[b, h, c] >= THR[h] (and ALLOWED) as uint8 and, with
+    HAS_SEGLEN, the kept segment lengths SEGLEN[b, h, :] = (SINK, kept size of each cluster, WINDOW)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = (pid_bh % HK).to(tl.int64)
+    c = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = c < NC
+    p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
+    keep = ok & (p >= tl.load(THR + h))
+    if HAS_ALLOWED:
+        keep = keep & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=ok, other=0) != 0)
+    tl.store(KEEP + b * s_kb + h * s_kh + c, keep.to(tl.uint8), mask=ok)
+    if HAS_SEGLEN:
+        e_base = SEGLEN + b * s_eb + h * s_eh
+        size = tl.load(SIZES + h * s_sh + c, mask=ok, other=0)
+        tl.store(e_base + 1 + c, tl.where(keep, size, 0).to(tl.int32), mask=ok)
+        if pid == 0:
+            tl.store(e_base + tl.arange(0, 1), tl.full([1], 0, tl.int32) + SINK)
+            tl.store(e_base + NC + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int32) + WINDOW)
+
+
 # ----------------------------------------------------------------------------------------------- host side
 
 
@@ -338,7 +363,9 @@ class _Many:
             res = out if out is not None else torch.empty(self.b, self.hk, table.nc, dtype=torch.float32, device=dev)
             dst = res.unsqueeze(2)
         else:
-            dst = torch.zeros(self.b, self.hk, splits, table.nc, dtype=torch.float32, device=dev)
+            # listed centroids only (idx): the others' partials must read 0; else every entry is written
+            alloc = torch.zeros if idx is not None else torch.empty
+            dst = alloc(self.b, self.hk, splits, table.nc, dtype=torch.float32, device=dev)
         q_per = triton.cdiv(triton.cdiv(self.nq, splits), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
         idx_t = idx if idx is not None else logz
         cnt = count if count is not None else logz
@@ -390,6 +417,27 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
     return idx, count, allowed
 
 
+def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.Tensor | None = None,
+                     allowed: torch.Tensor | None = None, seglen: torch.Tensor | None = None, sink: int = 0,
+                     window: int = 0) -> torch.Tensor:
+    """keep [B, Hk, C] bool = probs [B, Hk, C] >= threshold [Hk] (and ``allowed`` [B, Hk, C] uint8) in one
+    launch; with ``seglen`` [B, Hk, C + 2] int32 (needs ``sizes`` [Hk, C]) it also writes the kept segment
+    lengths (sink, kept cluster sizes, window), as ``write_seglen`` does."""
+    b, hk, c = probs.shape
+    thr = threshold.float().contiguous()
+    keep = torch.empty(b, hk, c, dtype=torch.uint8, device=probs.device)
+    alw = allowed if allowed is not None else keep
+    seg = seglen if seglen is not None else probs
+    sz = sizes if sizes is not None else thr
+    block = 256 if _interpret() else 1024
+    _decide_kernel[(triton.cdiv(max(c, 1), block), b * hk)](
+        probs, thr, alw, sz, keep, seg, probs.stride(0), probs.stride(1), alw.stride(0), alw.stride(1),
+        sz.stride(0), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
+        HAS_ALLOWED=allowed is not None, HAS_SEGLEN=seglen is not None, BLOCK=block, num_warps=4,
+    )
+    return keep.view(torch.bool)
+
+
 def write_seglen(seglen: torch.Tensor, keep: torch.Tensor, fine_sizes: torch.Tensor, sink: int, window: int) -> None:
     """Kept segment lengths [B, Hk, Cf + 2] (sinks, kept fine cluster sizes, window) from a keep mask, for
     threshold decisions taken on the host side."""
@@ -415,7 +463,7 @@ def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_si
         fixed = logz_always if always_keys is not None else fixed_logz
         coarse_probs = many.probs(coarse, logz_c)
         if fine_threshold is not None:
-            keep_c = (coarse_probs >= coarse_threshold.float().view(1, -1, 1)).view(torch.uint8)
+            keep_c = threshold_decide(coarse_probs, coarse_threshold).view(torch.uint8)
         else:
             keep_c = budget_mask(coarse_probs, coarse_sizes, None, coarse_budget).view(torch.uint8)
         probs = torch.empty(many.b, many.hk, fine.nc, dtype=torch.float32, device=q.device)
@@ -426,9 +474,5 @@ def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_si
         keep = budget_mask(probs, fine_sizes, allowed, budget, seglen=seglen, sink=sink, window=window, excl=excl,
                            slack=budget_slack)
         return keep, allowed, probs, coarse_probs
-    keep = probs >= fine_threshold.float().view(1, -1, 1)
-    if allowed is not None:
-        keep &= allowed.bool()
-    if seglen is not None:
-        write_seglen(seglen, keep, fine_sizes, sink, window)
+    keep = threshold_decide(probs, fine_threshold, fine_sizes, allowed, seglen, sink, window)
     return keep, allowed, probs, coarse_probs

@@ -515,7 +515,8 @@ def test_coarse_budget_covering_everything_is_the_flat_lookup(nq):
 
 @pytest.mark.parametrize("always", [pytest.param(False, id="plain"), pytest.param(True, id="always-in-kernel")])
 @pytest.mark.parametrize("mode", [pytest.param("threshold", id="threshold"), pytest.param("budget", id="budget")])
-@pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6")])
+@pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6"),
+                                 pytest.param(2, 12, id="prefill-G2-T12-many-query-path")])
 def test_lookup_positions_then_attention(mode, g, t, always):
     """Positions of the kept keys, then attention over them; ``always``: the always-attended keys' normaliser
     computed inside the coarse launch (``always_keys``) against the reference given ``always_logz_ref``."""
