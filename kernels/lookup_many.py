@@ -424,6 +424,10 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
     launch; with ``seglen`` [B, Hk, C + 2] int32 (needs ``sizes`` [Hk, C]) it also writes the kept segment
     lengths (sink, kept cluster sizes, window), as ``write_seglen`` does."""
     b, hk, c = probs.shape
+    if seglen is not None and (sizes is None or seglen.shape != (b, hk, c + 2)):
+        raise ValueError(f"seglen must be [B, Hk, C + 2] = [{b}, {hk}, {c + 2}] and needs sizes [Hk, C]; got "
+                         f"{None if seglen is None else tuple(seglen.shape)} and sizes "
+                         f"{None if sizes is None else tuple(sizes.shape)}")
     thr = threshold.float().contiguous()
     keep = torch.empty(b, hk, c, dtype=torch.uint8, device=probs.device)
     alw = allowed if allowed is not None else keep

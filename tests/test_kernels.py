@@ -776,3 +776,25 @@ def test_budget_mask_slack_keeps_a_bounded_superset(slack):
                 assert probs[bi, h][k].min() >= probs[bi, h][a & ~k].max()
     with pytest.raises(ValueError, match="slack must be"):
         budget_mask(probs.to(DEV), sizes.to(DEV), allowed.to(DEV), target.to(DEV), slack=-0.1)
+
+
+def test_threshold_decide_matches_torch():
+    """The many-query lookup's one-launch threshold decisions: keep, allowed and kept segment lengths."""
+    from sqattn_index.kernels.lookup_many import threshold_decide, write_seglen
+
+    gen = torch.Generator().manual_seed(3)
+    b, hk, c = 2, 3, 300
+    probs = torch.rand(b, hk, c, generator=gen).to(DEV)
+    thr = torch.tensor([0.2, 0.5, 0.9]).to(DEV)
+    sizes = torch.randint(1, 40, (hk, c), generator=gen).to(DEV)
+    allowed = (torch.rand(b, hk, c, generator=gen) < 0.7).to(torch.uint8).to(DEV)
+    seglen = torch.full((b, hk, c + 2), -1, dtype=torch.int32, device=DEV)
+    keep = threshold_decide(probs, thr, sizes, allowed, seglen, sink=4, window=9)
+    want = (probs >= thr.view(1, -1, 1)) & allowed.bool()
+    assert keep.dtype == torch.bool and torch.equal(keep, want)
+    ref_seg = torch.empty_like(seglen)
+    write_seglen(ref_seg, want, sizes, 4, 9)
+    assert torch.equal(seglen, ref_seg)
+    assert torch.equal(threshold_decide(probs, thr), probs >= thr.view(1, -1, 1))
+    with pytest.raises(ValueError, match="needs sizes"):
+        threshold_decide(probs, thr, None, None, seglen)
