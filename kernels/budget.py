@@ -131,7 +131,8 @@ KWAY = 2  # thresholds tested per round: log2(KWAY + 1) halvings each (H100 swee
 
 
 def _warps(block: int) -> int:
-    return min(16, max(WARP_RULE["min_warps"], block // WARP_RULE["per_warp"]))
+    w = min(16, max(WARP_RULE["min_warps"], block // WARP_RULE["per_warp"]))
+    return 1 << (w.bit_length() - 1)  # Triton takes powers of two
 
 
 def _fallback(probs, sizes, allowed, target, seglen, sink, window, excl):

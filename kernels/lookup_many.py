@@ -13,6 +13,11 @@ tensor-core tile is full: query tiles of ``BLOCK_Q`` rows against centroid tiles
 ``_coarse_excl_kernel`` / ``_fine_index_kernel``  compaction: the fine clusters under kept coarse clusters become
                         one dense index list per head (and the ``allowed`` mask), so the fine level's tiles are
                         full whatever the number of fine clusters per coarse one.
+``_decide_kernel``      threshold mode's decisions (``threshold_decide``): keep flags and kept segment lengths in
+                        one launch.
+
+The normaliser and probability launches work in base 2 (1.4426950408889634 = log2 e, 0.6931471805599453 =
+ln 2): the softmax scale, log-sizes, the variance term and -log Z fold into one fused multiply-add per pair.
 
 Nothing reads a device value on the host (the fine grids are sized by the clusters that could be kept).
 Like the other kernels, these avoid Triton's jit-decorated library (tl.zeros, tl.cdiv, tl.sum, ...), which the
@@ -56,29 +61,26 @@ def _listed_centroids(C, IDX, offs, sel, offs_d, d_ok, s_cc, GATHER: tl.constexp
     return cid, _load_cent(C, s_cc, cid, sel, offs_d, d_ok, NATIVE)
 
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
-
 @triton.jit
-def _terms2(qv, a_q, cent, cid, sel, SIZES, SPREAD, scale2, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
-            HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+def _terms_log2(qv, var_q, cent, cid, sel, SIZES, SPREAD, scale2, NATIVE: tl.constexpr,
+                PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
     """Normaliser terms in base 2, (log(n_c) + l_qc) / ln 2 [BLOCK_Q, BLOCK_C], -inf where not ``sel``
-    (through the per-centroid bias, so no per-pair select); ``scale2`` = s / ln 2, ``a_q`` = s^2 |q|^2 / (2 ln 2)
+    (through the per-centroid bias, so no per-pair select); ``scale2`` = s / ln 2, ``var_q`` = s^2 |q|^2 / (2 ln 2)
     (the variance term's query factor); SIZES / SPREAD point at this head's rows. Per pair that is the dot,
     two fused multiply-adds and nothing else: these launches are ALU-bound on the H100."""
     bias = tl.where(sel, tl.log2(tl.load(SIZES + cid, mask=sel, other=1).to(tl.float32)), float("-inf"))
     if HAS_SPREAD:
         v = tl.load(SPREAD + cid, mask=sel, other=0.0).to(tl.float32)
-        extra = a_q[:, None] * v[None, :] + bias[None, :]
+        extra = var_q[:, None] * v[None, :] + bias[None, :]
     else:
         extra = bias[None, :]
     return _scores(qv, cent, scale2, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION) + extra
 
 
 @triton.jit
-def _online2(m, s, t):
-    """``_online`` in base 2: running (max m, sum s) [BLOCK_Q] over 2^t, t [BLOCK_Q, BLOCK_C] (-inf: none)."""
+def _online_log2(m, s, t):
+    """``_online`` in base 2: running (max m in log2 units, sum s) [BLOCK_Q] over 2^t, t [BLOCK_Q, BLOCK_C]
+    (-inf: none)."""
     m_new = tl.maximum(m, _max(t, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new, s * tl.exp2(m - m_safe) + _sum(tl.exp2(t - m_safe[:, None]), axis=1)
@@ -111,7 +113,7 @@ def _normaliser_kernel(
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < NQ
     qv = _load_q(Q + b * s_qb + h * s_qh, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
-    a_q = _qnorm2(qv) * half_s2 * 1.4426950408889634
+    var_q = _qnorm2(qv) * half_s2 * 1.4426950408889634
     scale2 = scale * 1.4426950408889634
     # the running state is in base 2: m in log2 units, s relative to 2^m
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -133,8 +135,9 @@ def _normaliser_kernel(
             sel = offs_c < NCC
             sel = sel & (tl.load(KEEPC + b * s_kb + h * s_kh + offs_c, mask=sel, other=1) == 0)
             cent = _load_cent(CC + h * s_cch, s_ccc, offs_c, sel, offs_d, d_ok, NATIVE)
-            m, s = _online2(m, s, _terms2(qv, a_q, cent, offs_c, sel, CSIZES + h * s_csh, CSPREAD + h * s_cvh,
-                                          scale2, NATIVE, PRECISION, HAS_CSPREAD, BLOCK_Q, BLOCK_C))
+            t = _terms_log2(qv, var_q, cent, offs_c, sel, CSIZES + h * s_csh, CSPREAD + h * s_cvh, scale2, NATIVE,
+                            PRECISION, HAS_CSPREAD, BLOCK_Q, BLOCK_C)
+            m, s = _online_log2(m, s, t)
     if GATHER:
         n = tl.load(COUNT + b * s_nb + h * s_nh)
     else:
@@ -147,8 +150,9 @@ def _normaliser_kernel(
         sel = offs < hi
         cid, cent = _listed_centroids(C + h * s_ch, IDX + b * s_ib + h * s_ih, offs, sel, offs_d, d_ok, s_cc,
                                       GATHER, NATIVE)
-        m, s = _online2(m, s, _terms2(qv, a_q, cent, cid, sel, SIZES + h * s_sh, SPREAD + h * s_vh, scale2, NATIVE,
-                                      PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C))
+        t = _terms_log2(qv, var_q, cent, cid, sel, SIZES + h * s_sh, SPREAD + h * s_vh, scale2, NATIVE, PRECISION,
+                        HAS_SPREAD, BLOCK_Q, BLOCK_C)
+        m, s = _online_log2(m, s, t)
     logz = (tl.where(m == float("-inf"), 0.0, m) + tl.log2(s)) * 0.6931471805599453
     tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, logz, mask=q_ok)
 
@@ -197,11 +201,11 @@ def _probs_kernel(
                                                 other=0.0))
             # base 2, -log Z folded into the bias: the dot, two fused multiply-adds and one exp2 per pair. Rows
             # past the split get 2^-inf = 0; columns of unselected centroids are never stored.
-            nlz = tl.where(q_ok, -logz * 1.4426950408889634, float("-inf"))
+            neg_log2z = tl.where(q_ok, -logz * 1.4426950408889634, float("-inf"))
             if HAS_SPREAD:
-                extra = (_qnorm2(qv) * half_s2 * 1.4426950408889634)[:, None] * v[None, :] + nlz[:, None]
+                extra = (_qnorm2(qv) * half_s2 * 1.4426950408889634)[:, None] * v[None, :] + neg_log2z[:, None]
             else:
-                extra = nlz[:, None]
+                extra = neg_log2z[:, None]
             acc += tl.exp2(_scores(qv, cent, scale2, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION) + extra)
         tl.store(OUT + b * s_ob + h * s_oh + pid_s * s_os + cid, _sum(acc, axis=0) * inv_nq, mask=sel)
 
@@ -357,7 +361,8 @@ class _Many:
         q, dev = self.q, self.dev
         cfg = self._launch_cfg("prob")
         nblocks = triton.cdiv(table.nc, cfg["BLOCK_C"])
-        want = TUNING_MANY["prob_programs"] if not _interpret() else 1
+        want = TUNING_MANY["prob_programs"] if not _interpret() else 2 * nblocks * self.b * self.hk
+        # (the interpreter takes 2 splits where the queries allow, so the CPU tests cover the split buffers)
         splits = max(1, min(triton.cdiv(want, nblocks * self.b * self.hk), triton.cdiv(self.nq, cfg["BLOCK_Q"])))
         if splits == 1:
             res = out if out is not None else torch.empty(self.b, self.hk, table.nc, dtype=torch.float32, device=dev)
@@ -424,11 +429,20 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
     launch; with ``seglen`` [B, Hk, C + 2] int32 (needs ``sizes`` [Hk, C]) it also writes the kept segment
     lengths (sink, kept cluster sizes, window), as ``write_seglen`` does."""
     b, hk, c = probs.shape
-    if seglen is not None and (sizes is None or seglen.shape != (b, hk, c + 2)):
-        raise ValueError(f"seglen must be [B, Hk, C + 2] = [{b}, {hk}, {c + 2}] and needs sizes [Hk, C]; got "
-                         f"{None if seglen is None else tuple(seglen.shape)} and sizes "
+    if threshold.numel() != hk:
+        raise ValueError(f"threshold must hold one value per KV head ({hk}); got shape {tuple(threshold.shape)}")
+    if seglen is not None and (sizes is None or seglen.shape != (b, hk, c + 2) or sizes.shape != (hk, c)):
+        raise ValueError(f"seglen must be [B, Hk, C + 2] = [{b}, {hk}, {c + 2}] and needs sizes [Hk, C] = "
+                         f"[{hk}, {c}]; got {None if seglen is None else tuple(seglen.shape)} and sizes "
                          f"{None if sizes is None else tuple(sizes.shape)}")
-    thr = threshold.float().contiguous()
+    if allowed is not None and allowed.shape != probs.shape:
+        raise ValueError(f"allowed must have probs' shape {tuple(probs.shape)}; got {tuple(allowed.shape)}")
+    probs = probs.float().contiguous()  # (the kernel assumes unit last strides)
+    allowed = allowed.to(torch.uint8).contiguous() if allowed is not None else None
+    sizes = sizes.contiguous() if sizes is not None else None
+    if seglen is not None and not seglen.is_contiguous():
+        raise ValueError("seglen must be contiguous (it is written in place)")
+    thr = threshold.float().contiguous().view(hk)
     keep = torch.empty(b, hk, c, dtype=torch.uint8, device=probs.device)
     alw = allowed if allowed is not None else keep
     seg = seglen if seglen is not None else probs

@@ -229,6 +229,12 @@ def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.devic
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
+def _check_scale(scale) -> None:
+    """The kernel keeps its running max in raw q.k units, which needs a positive scale."""
+    if not scale > 0:
+        raise ValueError(f"scale must be a positive softmax scale (e.g. head_dim ** -0.5); got {scale!r}")
+
+
 def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):
     """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``. With
     ``reduce=False`` it returns the split-K partials instead: out [B, Hk, S, G*T, D] and lse [B, Hk, S, G*T]
@@ -237,8 +243,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
     hk, n, _ = keys.shape
     if hq % hk:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hk})")
-    if not scale > 0:
-        raise ValueError(f"scale must be a positive softmax scale (e.g. head_dim ** -0.5); got {scale!r}")
+    _check_scale(scale)
     nq = (hq // hk) * t
     dev = q.device
     q = q if q.is_contiguous() else q.contiguous()
@@ -306,11 +311,12 @@ def sparse_attention(
         q: [B, Hq, T, D] bf16/fp16/fp32; keys, values: [Hk, N, D] sorted order (last dim contiguous);
         starts, ends: [B, Hk, R] int64 sorted, non-overlapping [start, end) ranges; counts: [B, Hk] int64,
             entries at index >= count are ignored.
-        scale: softmax scale.
+        scale: softmax scale (> 0).
         num_splits: split-K factor (default: enough programs for the device); block_n: keys per tile.
     Returns:
         out: [B, Hq, T, D] float32 (zeros where nothing is kept); lse: [B, Hq, T] float32 (-inf there).
     """
+    _check_scale(scale)
     b, hk, r = starts.shape
     n = keys.shape[1]
     if r == 0:

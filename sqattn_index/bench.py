@@ -221,7 +221,8 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
                  budgets=None, hierarchical: bool = True):
     """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]; ``budgets``
     (fine, coarse) [1, Hk] selects by budget instead of the thresholds; ``hierarchical=False``: a flat
-    lookup over every fine centroid (as the engine does for decode above ``FLAT_ABOVE``)."""
+    lookup over every fine centroid (as the engine does in budget mode when the coarse budget covers at least
+    ``selection.FLAT_ABOVE`` of the clustered keys)."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.positions import segment_lows
     from .kernels.sparse_attention import sparse_attention_positions

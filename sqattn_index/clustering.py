@@ -24,8 +24,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int, weights: to
                      ) -> torch.Tensor:
     """Cluster labels [H, M] (int64) of points x [H, M, D] into k clusters per head, every cluster non-empty.
 
-    Deterministic for a seed. Empty clusters are repaired each iteration by moving them onto the points
-    that are least similar to their current centroid.
+    Deterministic for a seed on one device (labels can differ between CPU and CUDA: the CUDA similarity search
+    runs in ``CUDA_SIMILARITY_DTYPE``, so near-ties may break differently). Empty clusters are repaired each
+    iteration by moving them onto the points that are least similar to their current centroid.
     """
     h, m, d = x.shape
     assert 1 <= k <= m, (k, m)

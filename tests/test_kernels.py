@@ -166,11 +166,11 @@ def test_sparse_attention_nothing_kept():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-@pytest.mark.parametrize("kept", [pytest.param((32, 7), id="two-whole-tiles|one-partial"),
-                                  pytest.param((48, 16), id="three-whole|one-whole"),
-                                  pytest.param((33, 1), id="whole-plus-one|single-key")])
+@pytest.mark.parametrize("kept", [pytest.param((32, 7), id="heads-keep-32-and-7-keys"),
+                                  pytest.param((48, 16), id="heads-keep-48-and-16-keys"),
+                                  pytest.param((33, 1), id="heads-keep-33-and-1-keys")])
 def test_sparse_attention_whole_and_partial_tiles(kept):
-    """Programs whose kept keys fill whole tiles only, or end in a partial tile, or hold one key."""
+    """Kept key counts that fill whole 16-key tiles, end in a partial tile, or are one key (1 and 2 splits)."""
     gen = torch.Generator().manual_seed(sum(kept))
     n = 80
     q = torch.randn(1, 4, 1, 64, generator=gen).to(DEV)
@@ -798,3 +798,8 @@ def test_threshold_decide_matches_torch():
     assert torch.equal(threshold_decide(probs, thr), probs >= thr.view(1, -1, 1))
     with pytest.raises(ValueError, match="needs sizes"):
         threshold_decide(probs, thr, None, None, seglen)
+    with pytest.raises(ValueError, match="one value per KV head"):
+        threshold_decide(probs, thr[:1])
+    # any strides: a transposed view of the same values decides the same
+    probs_t = probs.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(threshold_decide(probs_t, thr, sizes, allowed.bool()), want)
