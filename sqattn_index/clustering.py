@@ -36,8 +36,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int, weights: to
     init = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(h)]).to(x.device)  # [H, k]
     cent = torch.gather(xn, 1, init.unsqueeze(-1).expand(h, k, d))  # [H, k, D]
     labels = torch.zeros(h, m, dtype=torch.int64, device=x.device)
+    xs = _for_search(xn)  # converted once, not every iteration (the centroid update stays in float32)
     for _ in range(iters):
-        best, labels = _nearest(xn, cent)
+        best, labels = _nearest(xs, cent)
         labels = _repair_empty(labels, best, k)
         sums = torch.zeros(h, k, d, device=x.device).scatter_add_(1, labels.unsqueeze(-1).expand(h, m, d),
                                                                   xn * w.unsqueeze(-1))
@@ -52,13 +53,17 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int, weights: to
 CUDA_SIMILARITY_DTYPE: torch.dtype | None = torch.float16
 
 
+def _for_search(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype of the nearest-centroid search (a no-op where it already is)."""
+    return x.to(CUDA_SIMILARITY_DTYPE) if x.is_cuda and CUDA_SIMILARITY_DTYPE is not None else x
+
+
 def _nearest(xn: torch.Tensor, cent: torch.Tensor, max_elems: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Best similarity (float32) and index [H, M] of each point's nearest centroid, in chunks of points so the
     [H, chunk, k] similarity block stays under ``max_elems`` elements (long contexts, many heads)."""
     h, m, _ = xn.shape
     k = cent.shape[1]
-    if xn.is_cuda and CUDA_SIMILARITY_DTYPE is not None:
-        xn, cent = xn.to(CUDA_SIMILARITY_DTYPE), cent.to(CUDA_SIMILARITY_DTYPE)
+    xn, cent = _for_search(xn), _for_search(cent)
     step = max(1, max_elems // max(h * k, 1))
     if step >= m:
         best, labels = torch.bmm(xn, cent.transpose(1, 2)).max(dim=-1)
