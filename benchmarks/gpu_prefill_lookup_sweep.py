@@ -31,7 +31,7 @@ def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device, hiera
     q = make_queries(layer, hq, tokens, seed=tokens)
     qg = q.reshape(1, hk, (hq // hk) * tokens, d)
     scale = d ** -0.5
-    fthr, cthr = calibrate(layer, qg, keep, cfg, scale)
+    fthr, cthr = calibrate(layer, qg, keep, cfg, scale, hierarchical)
     fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
     budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
     fns = {"budget": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", budgets, hierarchical),

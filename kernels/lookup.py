@@ -27,9 +27,10 @@ import torch
 import triton
 
 from .budget import budget_mask, budget_mask_from_logits
+from .decide import decide_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
 from .lookup_many import many_query_lookup, write_seglen
-from .positions import kept_positions, segment_lows
+from .positions import kept_positions, segment_block, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]
 
@@ -215,13 +216,16 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
-         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None, budget_slack=0.0):
+         fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None, budget_slack=0.0,
+         blocksum=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
     length of every segment (sinks, fine clusters, window) there, and in budget mode with ``excl`` (same
-    shape) their exclusive prefix sums. ``always_keys`` = (keys, sink, window)
-    stands for ``fixed_logz = always_logz(q, keys, sink, window, scale)``, computed inside the first level's
-    normaliser launch (coarse, or fine when flat) by extra programs."""
+    shape) their exclusive prefix sums; a flat threshold lookup of few queries (``_decides_from_logits``)
+    writes the kept keys per block of segments into ``blocksum`` (``decide.decide_from_logits``).
+    ``always_keys`` = (keys, sink, window) stands for ``fixed_logz = always_logz(q, keys, sink, window,
+    scale)``, computed inside the first level's normaliser launch (coarse, or fine when flat) by extra
+    programs."""
     _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision)
     if always_keys is not None and fixed_logz is not None:
         raise ValueError("give at most one of fixed_logz and always_keys")
@@ -247,6 +251,14 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         if thr is None and logits is not None:  # budget, few queries: the probabilities in the budget launch
             keep, probs = budget_mask_from_logits(logits, part, fixed_logz, fine_sizes, budget, seglen=seglen,
                                                   sink=sink, window=window, excl=excl, slack=budget_slack)
+            return keep, None, probs, None
+        if logits is not None:  # threshold, few queries: decisions and segment lengths from the logits
+            if seglen is not None and blocksum is None:  # (the caller does not read the block sums)
+                blocksum = torch.empty(b, hk, triton.cdiv(seglen.shape[2], segment_block()), dtype=torch.int32,
+                                       device=q.device)
+            probs, keep = decide_from_logits(logits, part, thr, fine_sizes, fixed_logz=fixed_logz, seglen=seglen,
+                                             blocksum=blocksum if seglen is not None else None, sink=sink,
+                                             window=window)
             return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
@@ -275,6 +287,11 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     if seglen is not None and thr is not None and fine.nqc > 1:
         write_seglen(seglen, keep, fine_sizes, sink, window)
     return keep, allowed, probs, coarse_probs
+
+
+def _decides_from_logits(q, fine_threshold, hierarchical) -> bool:
+    """Whether ``_run`` takes its threshold decisions with ``decide_from_logits`` (flat, few queries)."""
+    return fine_threshold is not None and not hierarchical and q.shape[2] <= FEW_QUERIES
 
 
 def _read(allowed, b, hk, cf, cc, device):
@@ -393,14 +410,18 @@ def centroid_lookup_positions(
     b, hk = q.shape[:2]
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
     excl = torch.empty_like(seglen) if budget is not None else None  # budget mode: prefix sums in the search
+    blocksum = None  # flat threshold decode: kept keys per block of segments, from the decisions launch
+    if _decides_from_logits(q, fine_threshold, hierarchical):
+        blocksum = torch.empty(b, hk, triton.cdiv(seglen.shape[2], segment_block()), dtype=torch.int32,
+                               device=q.device)
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
                                fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
-                               always_keys=always_keys, excl=excl, budget_slack=budget_slack)
+                               always_keys=always_keys, excl=excl, budget_slack=budget_slack, blocksum=blocksum)
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
-                                      counter=counter, excl=excl)
+                                      counter=counter, excl=excl, blocksum=blocksum)
     if read is None:
         read = _read(None, b, hk, fine_centroids.shape[1], 0, q.device)
     return keep, read, pos, total

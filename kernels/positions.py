@@ -15,7 +15,13 @@ import triton.language as tl
 
 from .sparse_attention import _cumsum, _interpret, _max, _sum
 
-__all__ = ["segment_lows", "kept_positions", "expand_positions"]
+__all__ = ["segment_lows", "kept_positions", "expand_positions", "segment_block"]
+
+
+def segment_block() -> int:
+    """Segments per program of the positions kernel (and of ``decide.decide_from_logits``, whose per-block
+    kept sums the positions kernel reads)."""
+    return 64 if _interpret() else 256
 
 
 @triton.jit
@@ -59,18 +65,20 @@ def _expand_kernel(
 
 @triton.jit
 def _positions_kernel(
-    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT, EXCL,
-    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah, s_xb, s_xh,
+    SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT, EXCL, BLOCKSUM,
+    s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah, s_xb, s_xh, s_bb, s_bh,
     HK, R, NA, NCC, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
-    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BLOCKSUM: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
     """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
     with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
     and sums the lengths before them itself (no second pass), or with HAS_EXCL reads their exclusive prefix
-    sums from EXCL (written by the budget search). With HAS_COUNT, the last block of each (b, h)
-    adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC without HAS_READ) * CENT_BYTES to COUNT[0] and
-    DENSE_BYTES to COUNT[1] (int64 atomics: exact and order-free)."""
+    sums from EXCL (written by the budget search), or with HAS_BLOCKSUM sums the kept keys of the blocks
+    before it from BLOCKSUM (one entry per BLOCK_S segments, written by ``decide.decide_from_logits``).
+    With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC
+    without HAS_READ) * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and
+    order-free)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -83,6 +91,10 @@ def _positions_kernel(
     ln = tl.load(e_base + offs, mask=ok, other=0)
     if HAS_EXCL:
         excl = tl.load(EXCL + b * s_xb + h * s_xh + offs, mask=ok, other=0)
+    elif HAS_BLOCKSUM:
+        offs_nb = tl.arange(0, BLOCK_NB)
+        before = tl.load(BLOCKSUM + b * s_bb + h * s_bh + offs_nb, mask=offs_nb < pid_s, other=0)
+        excl = _cumsum(ln, axis=0) + _sum(before, axis=0) - ln
     else:
         prefix = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
         for k0 in range(0, start, BLOCK_P):  # keys kept before this block of segments
@@ -158,7 +170,8 @@ def segment_lows(fine_offsets: torch.Tensor, num_tokens: int, window_tokens: int
 
 
 def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int, allowed: torch.Tensor | None = None,
-                   num_coarse: int = 0, counter: tuple | None = None, excl: torch.Tensor | None = None):
+                   num_coarse: int = 0, counter: tuple | None = None, excl: torch.Tensor | None = None,
+                   blocksum: torch.Tensor | None = None):
     """Kept segment lengths -> sorted position of every kept key, without a host sync.
 
     Args:
@@ -172,6 +185,8 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
             ``dense_bytes`` to ``acc[1]`` (acc: int64 [2] on the device; the KV-budget accumulator).
         excl: optional [B, Hk, R] int32 exclusive prefix sums of ``seglen`` (``budget.budget_mask(excl=)``
             writes them), so the kernel need not sum the lengths before each block.
+        blocksum: optional [B, Hk, cdiv(R, segment_block())] int32 kept keys of each block of
+            ``segment_block()`` segments (``decide.decide_from_logits`` writes them); same purpose as ``excl``.
     Returns:
         pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head, and
         read [B, Hk] int64 = num_coarse + allowed fine clusters (None without ``allowed``).
@@ -188,14 +203,21 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         raise ValueError(f"counter[0] must be an int64 tensor of 2 entries; got {acc.dtype} {tuple(acc.shape)}")
     if excl is not None and excl.shape != seglen.shape:
         raise ValueError(f"excl must have seglen's shape {tuple(seglen.shape)}; got {tuple(excl.shape)}")
+    block_s = segment_block()
+    nblk = triton.cdiv(r, block_s)
+    if blocksum is not None and (blocksum.shape != (b, hk, nblk) or blocksum.stride(-1) != 1):
+        raise ValueError(f"blocksum must be [B, Hk, cdiv(R, {block_s})] = [{b}, {hk}, {nblk}] with a contiguous "
+                         f"last dim; got {tuple(blocksum.shape)}")
     exc = excl if excl is not None else seglen
-    block_s = 64 if _interpret() else 256
-    _positions_kernel[(triton.cdiv(r, block_s), b * hk)](
-        seglen, lows, pos, total, alw, read, acc, exc,
+    bsum = blocksum if blocksum is not None else seglen
+    _positions_kernel[(nblk, b * hk)](
+        seglen, lows, pos, total, alw, read, acc, exc, bsum,
         seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
         pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1), exc.stride(0), exc.stride(1),
-        hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
-        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None, BLOCK_S=block_s,
-        BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16, num_warps=4,
+        bsum.stride(0), bsum.stride(1), hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
+        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None,
+        HAS_BLOCKSUM=blocksum is not None and excl is None, BLOCK_S=block_s,
+        BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16, BLOCK_NB=max(2, triton.next_power_of_2(nblk)),
+        num_warps=4,
     )
     return pos, total, (read if allowed is not None else None)

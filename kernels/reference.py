@@ -15,6 +15,7 @@ __all__ = [
     "compact_fine_ref",
     "always_logz_ref",
     "budget_mask_ref",
+    "decide_from_logits_ref",
     "centroid_lookup_ref",
     "ranges_from_mask_ref",
     "sparse_attention_ref",
@@ -88,6 +89,46 @@ def _budget_mask(probs: torch.Tensor, sizes: torch.Tensor, allowed: torch.Tensor
 
 
 budget_mask_ref = _budget_mask  # the reference of kernels/budget.py
+
+
+def decide_from_logits_ref(
+    logits: torch.Tensor,
+    parts: torch.Tensor,
+    threshold: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    fixed_logz: torch.Tensor | None = None,
+    seglen: torch.Tensor | None = None,
+    blocksum: torch.Tensor | None = None,
+    sink: int = 0,
+    window: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold decisions of a flat lookup from its per-key logits (the reference of kernels/decide.py).
+
+    logits [B, Hk, Q, C] per-key log-scores; parts [B, Hk, P, Q] partial log-normalisers (log Z_q is their
+    logsumexp, plus ``fixed_logz`` [B, Hk, Q] when given); threshold [Hk]; sizes [Hk, C]. Returns probs
+    [B, Hk, C] float32 = mean_q exp(logit - log Z_q) and keep = probs >= threshold (bool). With ``seglen``
+    [B, Hk, C + 2] it writes the kept segment lengths (sinks, kept sizes, window) and into ``blocksum``
+    [B, Hk, NB] the sum of each block of segments; the block size is the power of two that splits the C + 2
+    segments into NB blocks (the positions kernel's ``segment_block``).
+    """
+    logz = torch.logsumexp(parts.float(), dim=2)  # [B, Hk, Q]
+    if fixed_logz is not None:
+        logz = torch.logaddexp(logz, fixed_logz.float())
+    probs = torch.exp(logits.float() - logz.unsqueeze(-1)).mean(dim=2)
+    keep = probs >= threshold.float().view(1, -1, 1)
+    if seglen is not None:
+        b, hk, c = probs.shape
+        lengths = torch.cat([torch.full((b, hk, 1), sink, dtype=torch.int64, device=probs.device),
+                             torch.where(keep, sizes.unsqueeze(0).to(torch.int64), 0),
+                             torch.full((b, hk, 1), window, dtype=torch.int64, device=probs.device)], dim=2)
+        seglen.copy_(lengths)
+        if blocksum is not None:
+            nblk = blocksum.shape[-1]
+            block = 1 << max(-(-(c + 2) // nblk) - 1, 0).bit_length()
+            padded = torch.nn.functional.pad(lengths, (0, nblk * block - (c + 2)))
+            blocksum.copy_(padded.view(b, hk, nblk, block).sum(-1))
+    return probs, keep
 
 
 def centroid_lookup_ref(

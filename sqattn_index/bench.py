@@ -48,6 +48,7 @@ class BenchConfig:
     coarse_slack: float = 3.0
     estimate: str = "full"  # "full": variance term + exact sink/window normaliser (the engine's); "plain"
     selection: str = "threshold"  # "threshold": in-kernel decisions; "budget": top clusters (torch sort)
+    flat_decode: bool = False  # decode rows: flat lookup over every fine centroid (prefill stays hierarchical)
     clustering: bool = True
     sweep: bool = False  # time launch settings of the sparse kernel at the first context, keep 0.1
     profile: bool = False  # print a per-kernel profile of the squeezed step at the first context, keep 0.1
@@ -196,8 +197,9 @@ def make_queries(layer: Layer, hq: int, t: int, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- squeezed steps
 
 
-def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, scale: float):
-    """Per-head coarse and fine thresholds [Hk] that keep ``keep`` of the N tokens for these queries."""
+def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, scale: float, hierarchical: bool = True):
+    """Per-head coarse and fine thresholds [Hk] that keep ``keep`` of the N tokens for these queries (flat
+    lookup: the fine thresholds on the flat estimate; the coarse ones are unused then)."""
     from .kernels.lookup import centroid_probs
     from .kernels.reference import _budget_mask
 
@@ -210,7 +212,7 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
     _, cprobs = centroid_probs(*args, None, None, fine_budget, coarse_budget, scale, True, **kw)
     ckeep = _budget_mask(cprobs, layer.coarse_sizes, torch.ones_like(cprobs, dtype=torch.bool), coarse_budget)
     cthr = torch.where(ckeep, cprobs, float("inf")).amin(-1)[0]  # [Hk]
-    fprobs, _ = centroid_probs(*args, torch.zeros(hk, device=qg.device), cthr, None, None, scale, True, **kw)
+    fprobs, _ = centroid_probs(*args, torch.zeros(hk, device=qg.device), cthr, None, None, scale, hierarchical, **kw)
     allowed = fprobs > 0
     fkeep = _budget_mask(fprobs, layer.fine_sizes, allowed, fine_budget)
     fthr = torch.where(fkeep, fprobs, float("inf")).amin(-1)[0]
@@ -378,7 +380,9 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
     elt = layer.keys.element_size()
     kv_row = 2 * d * elt  # K and V bytes of one kept key
     rows = []
-    row = lambda **kw: dict(shape=shape, context=n, device=device_name, copy_gbps=copy_gbps, **kw)  # noqa: E731
+    row = lambda **kw: dict(shape=shape, context=n, device=device_name, copy_gbps=copy_gbps,  # noqa: E731
+                            lookup="flat" if cfg.flat_decode and kw["phase"].startswith("decode") else "hierarchical",
+                            **kw)
     for phase, t in (("decode", 1), ("prefill", cfg.prefill_tokens)):
         q = make_queries(layer, hq, t, seed=t)
         qg = q.reshape(1, hk, (hq // hk) * t, d)
@@ -386,13 +390,14 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
         log(f"  {shape} N={n} {phase}: dense {dense_name} {dense_ms:.3f} ms "
             f"({2 * layer.keys.numel() * elt / (dense_ms * 1e6):.0f} GB/s on K+V)")
         precision = "ieee" if phase == "decode" else "tf32"
+        hier = not (cfg.flat_decode and phase == "decode")
         for keep in cfg.keeps:
-            fthr, cthr = calibrate(layer, qg, keep, cfg, scale)
+            fthr, cthr = calibrate(layer, qg, keep, cfg, scale, hier)
             budgets = None
             if cfg.selection == "budget":
                 fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
                 budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
-            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate, budgets)
+            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate, budgets, hier)
             keep_mask, read, pos, total = lookup()
             kept = int(total.sum())
             kv_bytes = kept * kv_row
@@ -510,6 +515,8 @@ def parse_args(argv) -> BenchConfig:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--selection", choices=("threshold", "budget"), default=BenchConfig.selection,
                    help="lookup decisions: calibrated thresholds in-kernel, or top clusters by budget (torch sort)")
+    p.add_argument("--flat-decode", action="store_true",
+                   help="decode rows with a flat lookup over every fine centroid (prefill stays hierarchical)")
     p.add_argument("--estimate", choices=("full", "plain"), default=BenchConfig.estimate,
                    help="lookup estimate: full (variance term + exact sink/window normaliser, as the engine) or "
                         "plain (centroid only)")
@@ -520,7 +527,7 @@ def parse_args(argv) -> BenchConfig:
     return BenchConfig(contexts=a.contexts, keeps=a.keeps, shapes=a.shapes, prefill_tokens=a.prefill_tokens,
                        reps=a.reps, clustering=a.clustering, out=a.out, device=a.device,
                        sweep=a.sweep, profile=a.profile, append=a.append, estimate=a.estimate,
-                       selection=a.selection)
+                       selection=a.selection, flat_decode=a.flat_decode)
 
 
 def main(argv=None) -> int:

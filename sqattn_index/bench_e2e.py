@@ -55,6 +55,22 @@ def make_model(shape: str, layers: int, max_pos: int, device: torch.device):
                       dtype=torch.bfloat16)
 
 
+def compile_common(model) -> None:
+    """torch.compile the parts of every layer that the squeezed and the dense runs share (RMSNorms, MLP,
+    rotary tables and their application), so that each turns into a few fused kernels instead of about fifty
+    small eager ones per layer; attention and the caches stay as they are. Applies to both sides alike."""
+    from transformers.models.llama import modeling_llama
+
+    inner = model.model
+    for layer in inner.layers:
+        layer.input_layernorm.forward = torch.compile(layer.input_layernorm.forward)
+        layer.post_attention_layernorm.forward = torch.compile(layer.post_attention_layernorm.forward)
+        layer.mlp.forward = torch.compile(layer.mlp.forward)
+    inner.norm.forward = torch.compile(inner.norm.forward)
+    inner.rotary_emb.forward = torch.compile(inner.rotary_emb.forward)
+    modeling_llama.apply_rotary_pos_emb = torch.compile(modeling_llama.apply_rotary_pos_emb)
+
+
 def sync_time(fn):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -75,7 +91,7 @@ def build_corpus(local: LocalModel, n: int, chunk: int):
 
     def calibrate():
         for layer, q in zip(layers, captured.window_queries):
-            calibrate_layer(layer, q, LADDER, local.head_dim ** -0.5, 5.0)
+            calibrate_layer(layer, q, LADDER, local.head_dim ** -0.5, 5.0, hierarchical=HIERARCHICAL)
 
     _, t_calib = sync_time(calibrate)
     return captured, CorpusKV(ids, layers, LADDER), {"prefill": t_prefill, "clustering": t_cluster,
@@ -173,7 +189,8 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
     d, s = res["dense"]["decode"] * 1e3, res["squeezed"]["decode"] * 1e3
     rows.append({"phase": "e2e_decode_graph", "shape": shape, "context": n, "keep": keep, "layers": layers,
                  "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]),
-                 "budget_slack": BUDGET_SLACK,
+                 "budget_slack": BUDGET_SLACK, "selection": SELECTION, "hierarchical": HIERARCHICAL,
+                 "compiled_common": COMPILE,
                  "same_tokens_as_eager": same, "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
 
 
@@ -181,11 +198,13 @@ PROFILE = False
 GRAPHS = False
 SELECTION = "budget"  # the engine's default (SqueezeConfig.selection); --selection threshold for in-kernel
 BUDGET_SLACK = 0.0  # --budget-slack: the budget search may stop at (1 + this) x the budget (SqueezeConfig)
+HIERARCHICAL = True  # --flat: one lookup level over every fine centroid (SqueezeConfig.hierarchical=False)
+COMPILE = False  # --compile-common: torch.compile the layer parts both sides share (compile_common)
 
 
 def _spec(keep: float) -> SelectionSpec:
     """The benchmark's selection at ``keep`` (1.0: dense), with the command line's mode and budget slack."""
-    return SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK)
+    return SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK, hierarchical=HIERARCHICAL)
 
 
 def profile_decode(local, corpus, n, question, keep, log) -> None:
@@ -245,6 +264,8 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
               device: torch.device, rows: list[dict], log) -> None:
     local = make_model(shape, layers, max(contexts) + 4096, device)
     model = local.model
+    if COMPILE:
+        compile_common(model)
     dev_name = torch.cuda.get_device_name(device)
     question = torch.randint(0, 32000, (64,), generator=torch.Generator().manual_seed(2))
     for n in contexts:
@@ -291,6 +312,7 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
             rows.append({"phase": phase, "shape": shape, "context": n, "keep": keep, "layers": layers,
                          "dense_ms": d, "squeezed_ms": s, "speedup": d / s,
                          "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
+                         "selection": SELECTION, "hierarchical": HIERARCHICAL, "compiled_common": COMPILE,
                          "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
         # Same inputs through the torch reference path: tokens and first-step logits.
         ref_cache = SqueezedCache(corpus, _spec(keep), get_ops("torch"))
@@ -322,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also decode with CUDA graphs: squeezed vs dense FlashAttention over the same cache")
     ap.add_argument("--selection", choices=("budget", "threshold"), default="budget")
     ap.add_argument("--budget-slack", type=float, default=0.0)
+    ap.add_argument("--flat", action="store_true", help="flat lookup (every fine centroid, no coarse level)")
+    ap.add_argument("--compile-common", action="store_true",
+                    help="torch.compile the norms, MLP and rotary parts of both sides (not attention)")
     args = ap.parse_args(argv)
-    global PROFILE, GRAPHS, SELECTION, BUDGET_SLACK
+    global PROFILE, GRAPHS, SELECTION, BUDGET_SLACK, HIERARCHICAL, COMPILE
+    HIERARCHICAL, COMPILE = not args.flat, args.compile_common
     PROFILE, GRAPHS, SELECTION = args.profile, args.graphs, args.selection
     BUDGET_SLACK = args.budget_slack
     device = torch.device("cuda")

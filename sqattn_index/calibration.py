@@ -83,11 +83,13 @@ def _estimate_terms(layer: LayerKV, grouped: torch.Tensor, scale: float, varianc
 
 def calibrate_layer(layer: LayerKV, window_queries: torch.Tensor, keep_ladder: tuple[float, ...], scale: float,
                     coarse_slack: float = 3.0, *, variance_term: bool = True, always_in_normaliser: bool = True,
-                    ) -> None:
+                    hierarchical: bool = True) -> None:
     """Fill ``layer.thresholds`` and ``layer.coarse_thresholds`` [L, Hk] for every keep in ``keep_ladder``.
 
-    window_queries: [Hq, W, D] post-RoPE queries of the observation window (W >= 1). ``variance_term`` and
-    ``always_in_normaliser`` must match the query-time estimate (``SqueezeConfig``).
+    window_queries: [Hq, W, D] post-RoPE queries of the observation window (W >= 1). ``variance_term``,
+    ``always_in_normaliser`` and ``hierarchical`` must match the query-time estimate (``SqueezeConfig``):
+    with ``hierarchical=False`` the fine thresholds are set on the flat estimate (every coarse cluster kept,
+    so the coarse thresholds keep everything and are not used by a flat lookup).
     """
     hq, w, d = window_queries.shape
     hk = layer.num_kv_heads
@@ -104,7 +106,7 @@ def calibrate_layer(layer: LayerKV, window_queries: torch.Tensor, keep_ladder: t
     fine_rows, coarse_rows = [], []
     for keep in keep_ladder:
         frac = cluster_token_target(layer, keep) / max(e - s, 1)
-        c_frac = min(1.0, frac * coarse_slack)
+        c_frac = min(1.0, frac * coarse_slack) if hierarchical else 1.0
         everything = torch.ones_like(coarse_probs, dtype=torch.bool)
         c_thr = threshold_for_fraction(coarse_probs, layer.coarse_sizes, everything, c_frac)
         coarse_keep = coarse_probs >= c_thr.view(1, hk, 1)

@@ -106,7 +106,8 @@ class SqueezedEngine:
         t2 = time.perf_counter()
         for layer, queries in zip(layers, captured.window_queries):
             calibrate_layer(layer, queries, cfg.keep_ladder, self.scale, cfg.coarse_slack,
-                            variance_term=cfg.variance_term, always_in_normaliser=cfg.always_in_normaliser)
+                            variance_term=cfg.variance_term, always_in_normaliser=cfg.always_in_normaliser,
+                            hierarchical=cfg.hierarchical)
         t3 = time.perf_counter()
         corpus = CorpusKV(fixed.input_ids, layers, tuple(cfg.keep_ladder),
                           {"prefill": t1 - t0, "clustering": t2 - t1, "calibration": t3 - t2})

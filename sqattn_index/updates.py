@@ -70,7 +70,7 @@ def _calibrate_all(engine, layers: list[LayerKV], window_queries: list[torch.Ten
     for layer, q in zip(layers, window_queries):
         cfg = engine.config
         calibrate_layer(layer, q, cfg.keep_ladder, engine.scale, cfg.coarse_slack, variance_term=cfg.variance_term,
-                        always_in_normaliser=cfg.always_in_normaliser)
+                        always_in_normaliser=cfg.always_in_normaliser, hierarchical=cfg.hierarchical)
 
 
 def append_texts(engine, corpus: CorpusKV, spans: list[tuple[int, int]], texts: list[str]

@@ -515,25 +515,26 @@ def test_coarse_budget_covering_everything_is_the_flat_lookup(nq):
 
 @pytest.mark.parametrize("always", [pytest.param(False, id="plain"), pytest.param(True, id="always-in-kernel")])
 @pytest.mark.parametrize("mode", [pytest.param("threshold", id="threshold"), pytest.param("budget", id="budget")])
-@pytest.mark.parametrize("g,t", [pytest.param(4, 1, id="decode-G4"), pytest.param(2, 6, id="prefill-G2-T6"),
-                                 pytest.param(2, 12, id="prefill-G2-T12-many-query-path")])
-def test_lookup_positions_then_attention(mode, g, t, always):
+@pytest.mark.parametrize("g,t,hier", [pytest.param(4, 1, True, id="decode-G4"),
+                                      pytest.param(4, 1, False, id="decode-G4-flat"),
+                                      pytest.param(1, 1, False, id="decode-G1-flat"),
+                                      pytest.param(2, 6, True, id="prefill-G2-T6"),
+                                      pytest.param(2, 12, True, id="prefill-G2-T12-many-query-path")])
+def test_lookup_positions_then_attention(mode, g, t, hier, always):
     """Positions of the kept keys, then attention over them; ``always``: the always-attended keys' normaliser
-    computed inside the coarse launch (``always_keys``) against the reference given ``always_logz_ref``."""
-    b, hk, d, n = 2, 2, 64, 360
+    computed inside the first launch (``always_keys``) against the reference given ``always_logz_ref``. The flat
+    cases have more segments than one positions block (threshold: ``decide_from_logits`` block sums)."""
+    b, hk, d, n = 2, 2, 64, (360 if hier else 1200)
     (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g * t, d, n, 4, "fp32", 11)
     q = q4.reshape(b, hk * g, t, d)
     values = torch.randn_like(keys)
     scale = d ** -0.5
     if mode == "threshold":
-        _, cprobs = _ref_probs(q4, fc, fs, ccent, cs, co, scale)
-        cthr = midpoint_threshold(cprobs, 0.4)
-        fprobs, _ = _ref_probs(q4, fc, fs, ccent, cs, co, scale, coarse_keep=cprobs >= cthr.view(1, hk, 1))
-        sel = (midpoint_threshold(fprobs, 0.5), cthr, None, None)
+        sel, _, _ = threshold_selection(q4, fc, fs, ccent, cs, co, scale, hier, coarse_frac=0.4, fine_frac=0.5)
     else:
         total = fs.sum(1).float().expand(b, hk)
-        sel = (None, None, 0.2 * total, 0.6 * total)
-    args = (q4, fc, fs, ccent, cs, co, *sel, scale, True)
+        sel = (None, None, 0.2 * total, 0.6 * total if hier else None)
+    args = (q4, fc, fs, ccent, cs, co, *sel, scale, hier)
     kw = dict(always_keys=(keys, sink, window)) if always else {}
     rkw = dict(fixed_logz=ref.always_logz_ref(q4, keys, sink, window, scale)) if always else {}
     keep, read, pos, total = centroid_lookup_positions(*args, fine_offsets=fo, num_tokens=n, sink_tokens=sink,
@@ -542,8 +543,11 @@ def test_lookup_positions_then_attention(mode, g, t, always):
     if always:  # same estimate as with the term given, and not the plain one
         p_in, c_in = centroid_probs(*args, **kw)
         p_given, c_given = centroid_probs(*args, **rkw)
-        assert rel_rms(p_in, p_given) < 1e-5 and rel_rms(c_in, c_given) < 1e-5
-        assert rel_rms(centroid_probs(*args)[1], c_in) > 1e-3
+        assert rel_rms(p_in, p_given) < 1e-5
+        if hier:
+            assert rel_rms(c_in, c_given) < 1e-5 and rel_rms(centroid_probs(*args)[1], c_in) > 1e-3
+        else:
+            assert rel_rms(centroid_probs(*args)[0], p_in) > 1e-3
     assert torch.equal(keep, rkeep) and torch.equal(read, rread)
     kept = torch.cat([torch.arange(sink), torch.arange(n - window, n)]).to(DEV)
     for bi in range(b):
@@ -803,3 +807,80 @@ def test_threshold_decide_matches_torch():
     # any strides: a transposed view of the same values decides the same
     probs_t = probs.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(threshold_decide(probs_t, thr, sizes, allowed.bool()), want)
+
+
+@pytest.mark.parametrize("nq,with_fixed,c", [pytest.param(1, False, 300, id="Q1-C300"),
+                                             pytest.param(3, True, 300, id="Q3-fixed-C300"),
+                                             pytest.param(16, False, 61, id="Q16-C61"),
+                                             pytest.param(2, False, 7, id="Q2-C7")])
+def test_decide_from_logits_matches_ref_and_feeds_positions(nq, with_fixed, c):
+    """Flat decode decisions from stored logits: probabilities, keep, kept segment lengths and per-block kept
+    sums as the reference; the positions kernel then gives the same positions from the block sums as from a
+    full re-read of the segment lengths."""
+    from sqattn_index.kernels.decide import decide_from_logits
+    from sqattn_index.kernels.positions import kept_positions, segment_block
+
+    gen = torch.Generator().manual_seed(nq * 100 + c)
+    b, hk, sink, window = 2, 3, 4, 9
+    logits = (3.0 * torch.randn(b, hk, nq, c, generator=gen)).to(DEV)
+    sizes = torch.randint(1, 30, (hk, c), generator=gen).to(DEV)
+    # partial log-normalisers of two halves of the clusters, as the lse launch leaves them
+    halves = (logits + sizes.float().log().view(1, hk, 1, c)).split((c + 1) // 2, dim=-1)
+    parts = torch.stack([x.logsumexp(-1) for x in halves], dim=2)  # [B, Hk, 2, Q]
+    fixed = (torch.randn(b, hk, nq, generator=gen) + 2.0).to(DEV) if with_fixed else None
+    rprobs, _ = ref.decide_from_logits_ref(logits, parts, torch.zeros(hk, device=DEV), sizes, fixed_logz=fixed)
+    thr = midpoint_threshold(rprobs, 0.6, min_gap=1e-4)
+    nblk = -(-(c + 2) // segment_block())
+    seglen = torch.full((b, hk, c + 2), -1, dtype=torch.int32, device=DEV)
+    blocksum = torch.full((b, hk, nblk), -1, dtype=torch.int32, device=DEV)
+    probs, keep = decide_from_logits(logits, parts, thr, sizes, fixed_logz=fixed, seglen=seglen, blocksum=blocksum,
+                                     sink=sink, window=window)
+    rseg, rsum = torch.empty_like(seglen), torch.empty_like(blocksum)
+    rprobs, rkeep = ref.decide_from_logits_ref(logits, parts, thr, sizes, fixed_logz=fixed, seglen=rseg,
+                                               blocksum=rsum, sink=sink, window=window)
+    assert rel_rms(probs, rprobs) < 1e-5
+    assert keep.dtype == torch.bool and torch.equal(keep, rkeep) and 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(seglen, rseg) and torch.equal(blocksum, rsum)
+    assert int(seglen[0, 0, 0]) == sink and int(seglen[0, 0, -1]) == window
+    # positions from the block sums equal those from re-reading every earlier segment length
+    n = int(sizes.sum(1).max()) + sink + window
+    starts = sink + sizes.cumsum(1) - sizes  # first position of each cluster
+    lows = torch.cat([torch.zeros(hk, 1, dtype=torch.int64, device=DEV), starts,
+                      torch.full((hk, 1), n - window, dtype=torch.int64, device=DEV)], dim=1).to(torch.int32)
+    pos, total, _ = kept_positions(seglen, lows, n, blocksum=blocksum)
+    rpos, rtotal, _ = kept_positions(seglen, lows, n)
+    assert torch.equal(total, rtotal) and torch.equal(total, seglen.sum(-1, dtype=torch.int32))
+    for bi in range(b):
+        for h in range(hk):
+            k = int(total[bi, h])
+            want = torch.cat([torch.arange(int(lows[h, r]), int(lows[h, r]) + int(seglen[bi, h, r]))
+                              for r in range(c + 2)]).to(DEV)
+            assert torch.equal(pos[bi, h, :k].long(), want) and torch.equal(rpos[bi, h, :k], pos[bi, h, :k])
+    with pytest.raises(ValueError, match="together"):
+        decide_from_logits(logits, parts, thr, sizes, seglen=seglen)
+    with pytest.raises(ValueError, match="parts must be"):
+        decide_from_logits(logits, parts[:, :, :, :1] if nq > 1 else parts[:1], thr, sizes)
+    with pytest.raises(ValueError, match="blocksum must be"):
+        kept_positions(seglen, lows, n, blocksum=blocksum[..., :1] if nblk > 1 else blocksum[:1])
+
+
+@pytest.mark.parametrize("nq,n,always", [pytest.param(1, 1200, False, id="Q1"),
+                                         pytest.param(4, 1200, True, id="Q4-always"),
+                                         pytest.param(4, 32768, True, id="Q4-always-32K", marks=[pytest.mark.gpu, gpu]),
+                                         pytest.param(1, 32768, False, id="Q1-32K", marks=[pytest.mark.gpu, gpu])])
+def test_decide_from_logits_equals_the_probability_launch(nq, n, always):
+    """Same logits and partials in: the one-launch decisions give bit for bit the probabilities and decisions of
+    the general probability launch (``_prob_kernel``) that the flat decode path used before."""
+    from sqattn_index.kernels.decide import decide_from_logits
+    from sqattn_index.kernels.lookup import _Level
+
+    b, hk, d = 2, 2, 64
+    (q, fc, fs, ccent, cs, co, _, keys), (sink, window, _) = make_lookup_case(b, hk, nq, d, n, 4, "fp32", n + nq)
+    scale = d ** -0.5
+    (thr, _, _, _), _, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, False, fine_frac=0.7)
+    fine = _Level(q, fc, fs, scale, "ieee", flat_fine=True)
+    part, _, logits = fine.lse(always=(keys, sink, window) if always else None)
+    probs_old, keep_old, _ = fine.probs([part], thr=thr, logits=logits)
+    probs_new, keep_new = decide_from_logits(logits, part, thr, fs)
+    assert torch.equal(probs_new, probs_old) and torch.equal(keep_new, keep_old.view(torch.bool))
+    assert 0 < int(keep_new.sum()) < keep_new.numel()

@@ -172,6 +172,24 @@ def test_calibration_hits_target_fractions(layer):
         assert abs(got - target) <= 0.05, (keep, target, got)
 
 
+def test_flat_calibration_hits_target_fractions_of_the_flat_lookup(layer):
+    """hierarchical=False: fine thresholds on the flat estimate, so a flat lookup keeps the target share;
+    they differ from the hierarchical calibration's (another denominator, no coarse filter)."""
+    lay, keys, _ = layer
+    hk, n, d = keys.shape
+    ladder = (0.3, 0.1)
+    window_q = keys[:, -32:].repeat_interleave(2, dim=0) + 0.3 * torch.randn(hk * 2, 32, d)
+    calibrate_layer(lay, window_q, ladder, d ** -0.5, coarse_slack=2.0)
+    hier_thr = lay.thresholds.clone()
+    calibrate_layer(lay, window_q, ladder, d ** -0.5, coarse_slack=2.0, hierarchical=False)
+    assert not torch.equal(hier_thr, lay.thresholds)
+    s, e = lay.clustered_range
+    for i, keep in enumerate(ladder):
+        target = (keep * n - (n - (e - s))) / (e - s)
+        got = measured_keep_fraction(lay, window_q, i, d ** -0.5, hierarchical=False)
+        assert abs(got - target) <= 0.03, (keep, target, got)
+
+
 def test_budget_selection_counts_tokens(layer):
     lay = layer[0]
     hk, n, d = lay.keys.shape
