@@ -26,6 +26,11 @@ from .sparse_attention import _attend, _max, _merge_splits, _sum
 
 __all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
 
+# New-token keys per loop step at head_dim 128 (twice as many at 64) and warps of the epilogue launch:
+# benchmarks/gpu_merge_sweep.py on an H100 (docs/bench/session8/merge_sweep.txt), 64 keys and 8 warps against
+# 32 and 4: 11.0 -> 10.6 us (32 KV heads, 64 new tokens) and 15.0 -> 11.9 us (8 KV heads, 33 splits).
+MERGE_TUNING = {"block_n": 64, "num_warps": 8}
+
 
 @triton.jit
 def _merge_new_tokens_kernel(
@@ -136,7 +141,8 @@ def merge_with_new_tokens(
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         hk, hq // hk, t, splits, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=min(triton.next_power_of_2(splits), 64),
-        BLOCK_N=32 if d > 64 else 64, num_warps=4,
+        BLOCK_N=MERGE_TUNING["block_n"] if d > 64 else 2 * MERGE_TUNING["block_n"],
+        num_warps=MERGE_TUNING["num_warps"],
     )
     return out, lse
 

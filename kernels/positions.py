@@ -18,10 +18,18 @@ from .sparse_attention import _cumsum, _interpret, _max, _sum
 __all__ = ["segment_lows", "kept_positions", "expand_positions", "segment_block"]
 
 
+# Launch settings of the positions kernel on a GPU: segments per program (also the block of
+# ``decide.decide_from_logits``), key columns per store step, warps. benchmarks/gpu_positions_sweep.py on an
+# H100 at 128K (docs/bench/session8/positions_sweep.txt), against 256 / 16 / 4: threshold decisions +
+# positions 17.0 -> 15.3 us (Llama-2-7B) and 12.5 -> 12.0 us (Llama-3-8B); budget positions 11.2 -> 9.3 us
+# and 7.2 -> 7.2 us.
+TUNING = {"block_s": 128, "block_k": 8, "num_warps": 4}
+
+
 def segment_block() -> int:
     """Segments per program of the positions kernel (and of ``decide.decide_from_logits``, whose per-block
     kept sums the positions kernel reads)."""
-    return 64 if _interpret() else 256
+    return 64 if _interpret() else TUNING["block_s"]
 
 
 @triton.jit
@@ -217,7 +225,7 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         bsum.stride(0), bsum.stride(1), hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
         HAS_READ=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None,
         HAS_BLOCKSUM=blocksum is not None and excl is None, BLOCK_S=block_s,
-        BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16, BLOCK_NB=max(2, triton.next_power_of_2(nblk)),
-        num_warps=4,
+        BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16 if _interpret() else TUNING["block_k"],
+        BLOCK_NB=max(2, triton.next_power_of_2(nblk)), num_warps=4 if _interpret() else TUNING["num_warps"],
     )
     return pos, total, (read if allowed is not None else None)

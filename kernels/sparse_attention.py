@@ -210,8 +210,9 @@ def _config(nq: int, d: int, device: torch.device) -> dict:
     """Tile shapes and launch settings for ``nq`` query rows per KV head and head dim ``d``."""
     if _interpret() or device.type != "cuda":
         return dict(BLOCK_M=16 if nq <= 16 else 32, BLOCK_N=16, num_warps=4, num_stages=1)
-    if nq <= 16:  # decode: one tile of the group's queries, memory bound
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+    if nq <= 16:  # decode: one tile of the group's queries, memory bound (2 stages: 1.5-2% faster than 3 at
+        # 128K / 10% on an H100, docs/bench/session8/sparse_sweep_decode.txt)
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
     if nq <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if d > 64 and torch.cuda.get_device_capability(device)[0] >= 9:  # Hopper: 228 KB of shared memory

@@ -869,8 +869,10 @@ def test_decide_from_logits_matches_ref_and_feeds_positions(nq, with_fixed, c):
                                          pytest.param(4, 32768, True, id="Q4-always-32K", marks=[pytest.mark.gpu, gpu]),
                                          pytest.param(1, 32768, False, id="Q1-32K", marks=[pytest.mark.gpu, gpu])])
 def test_decide_from_logits_equals_the_probability_launch(nq, n, always):
-    """Same logits and partials in: the one-launch decisions give bit for bit the probabilities and decisions of
-    the general probability launch (``_prob_kernel``) that the flat decode path used before."""
+    """Same logits and partials in: the one-launch decisions give the decisions of the general probability
+    launch (``_prob_kernel``) that the flat decode path used before, and its probabilities bit for bit with one
+    query (with several, the GPU compiles exp(logit - log Z) and the sum over queries into another instruction
+    order: within 1e-5 relative, e.g. 2.6e-6 seen at 4 queries, far below the gap around the thresholds)."""
     from sqattn_index.kernels.decide import decide_from_logits
     from sqattn_index.kernels.lookup import _Level
 
@@ -882,5 +884,9 @@ def test_decide_from_logits_equals_the_probability_launch(nq, n, always):
     part, _, logits = fine.lse(always=(keys, sink, window) if always else None)
     probs_old, keep_old, _ = fine.probs([part], thr=thr, logits=logits)
     probs_new, keep_new = decide_from_logits(logits, part, thr, fs)
-    assert torch.equal(probs_new, probs_old) and torch.equal(keep_new, keep_old.view(torch.bool))
-    assert 0 < int(keep_new.sum()) < keep_new.numel()
+    assert torch.equal(keep_new, keep_old.view(torch.bool)) and 0 < int(keep_new.sum()) < keep_new.numel()
+    if nq == 1 or not CUDA:
+        assert torch.equal(probs_new, probs_old)
+    else:
+        rel = ((probs_new - probs_old).abs() / probs_old.abs().clamp_min(1e-30)).max()
+        assert float(rel) <= 1e-5, f"max relative difference {float(rel):.3g}"
