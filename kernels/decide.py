@@ -106,9 +106,11 @@ def decide_from_logits(
     if (seglen is None) != (blocksum is None):
         raise ValueError("give seglen and blocksum together (the positions kernel reads both)")
     if seglen is not None and (seglen.shape != (b, hk, c + 2) or not seglen.is_contiguous()
-                               or blocksum.shape != (b, hk, nblk) or not blocksum.is_contiguous()):
-        raise ValueError(f"seglen must be contiguous [B, Hk, C + 2] = [{b}, {hk}, {c + 2}] and blocksum "
-                         f"contiguous [B, Hk, {nblk}]; got {tuple(seglen.shape)} and {tuple(blocksum.shape)}")
+                               or blocksum.shape != (b, hk, nblk) or not blocksum.is_contiguous()
+                               or seglen.dtype != torch.int32 or blocksum.dtype != torch.int32):
+        raise ValueError(f"seglen must be contiguous int32 [B, Hk, C + 2] = [{b}, {hk}, {c + 2}] and blocksum "
+                         f"contiguous int32 [B, Hk, {nblk}]; got {seglen.dtype} {tuple(seglen.shape)} and "
+                         f"{blocksum.dtype} {tuple(blocksum.shape)}")
     logits = logits.float()
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     parts = parts.float()

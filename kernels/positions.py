@@ -213,9 +213,10 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         raise ValueError(f"excl must have seglen's shape {tuple(seglen.shape)}; got {tuple(excl.shape)}")
     block_s = segment_block()
     nblk = triton.cdiv(r, block_s)
-    if blocksum is not None and (blocksum.shape != (b, hk, nblk) or blocksum.stride(-1) != 1):
-        raise ValueError(f"blocksum must be [B, Hk, cdiv(R, {block_s})] = [{b}, {hk}, {nblk}] with a contiguous "
-                         f"last dim; got {tuple(blocksum.shape)}")
+    if blocksum is not None and (blocksum.shape != (b, hk, nblk) or blocksum.stride(-1) != 1
+                                 or blocksum.dtype != torch.int32):
+        raise ValueError(f"blocksum must be int32 [B, Hk, cdiv(R, {block_s})] = [{b}, {hk}, {nblk}] with a "
+                         f"contiguous last dim; got {blocksum.dtype} {tuple(blocksum.shape)}")
     exc = excl if excl is not None else seglen
     bsum = blocksum if blocksum is not None else seglen
     _positions_kernel[(nblk, b * hk)](

@@ -862,6 +862,10 @@ def test_decide_from_logits_matches_ref_and_feeds_positions(nq, with_fixed, c):
         decide_from_logits(logits, parts[:, :, :, :1] if nq > 1 else parts[:1], thr, sizes)
     with pytest.raises(ValueError, match="blocksum must be"):
         kept_positions(seglen, lows, n, blocksum=blocksum[..., :1] if nblk > 1 else blocksum[:1])
+    with pytest.raises(ValueError, match="blocksum must be int32"):
+        kept_positions(seglen, lows, n, blocksum=blocksum.long())
+    with pytest.raises(ValueError, match="seglen must be contiguous int32"):
+        decide_from_logits(logits, parts, thr, sizes, seglen=seglen.long(), blocksum=blocksum)
 
 
 @pytest.mark.parametrize("nq,n,always", [pytest.param(1, 1200, False, id="Q1"),
