@@ -252,13 +252,9 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
             keep, probs = budget_mask_from_logits(logits, part, fixed_logz, fine_sizes, budget, seglen=seglen,
                                                   sink=sink, window=window, excl=excl, slack=budget_slack)
             return keep, None, probs, None
-        if logits is not None:  # threshold, few queries: decisions and segment lengths from the logits
-            if seglen is not None and blocksum is None:  # (the caller does not read the block sums)
-                blocksum = torch.empty(b, hk, triton.cdiv(seglen.shape[2], segment_block()), dtype=torch.int32,
-                                       device=q.device)
+        if logits is not None:  # threshold, few queries (_decides_from_logits): decisions from the logits
             probs, keep = decide_from_logits(logits, part, thr, fine_sizes, fixed_logz=fixed_logz, seglen=seglen,
-                                             blocksum=blocksum if seglen is not None else None, sink=sink,
-                                             window=window)
+                                             blocksum=blocksum, sink=sink, window=window)
             return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
