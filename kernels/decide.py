@@ -27,6 +27,34 @@ __all__ = ["decide_from_logits"]
 
 
 @triton.jit
+def _head_logz(PART_ROW, s_pk, NB, FIXED_ROW, offs_q, q_ok, HAS_FIXED: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_Q: tl.constexpr):
+    """log Z of each query of one (b, h): logsumexp of its NB partial rows, plus the always-attended keys'
+    exact log-normaliser with HAS_FIXED; 0 in padding rows."""
+    logz = _reduce_parts(PART_ROW, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+    if HAS_FIXED:  # exact log-normaliser of the always-attended keys, given apart
+        logz = _logaddexp(logz, tl.load(FIXED_ROW + offs_q, mask=q_ok, other=float("-inf")))
+    return tl.where(q_ok, logz, 0.0)
+
+
+@triton.jit
+def _cluster_probs(LOGITS_ROW, s_gq, logz, c, c_ok, offs_q, q_ok, NQ):
+    """Per-key probability estimate mean_q exp(logit - log Z_q) of the clusters ``c`` (0 where not c_ok)."""
+    both = q_ok[:, None] & c_ok[None, :]
+    logits = tl.load(LOGITS_ROW + offs_q[:, None] * s_gq + c[None, :], mask=both, other=0.0)
+    return _sum(tl.where(both, tl.exp(logits - logz[:, None]), 0.0), axis=0) / NQ
+
+
+@triton.jit
+def _segment_lengths(keep, SIZES_ROW, g, c, c_ok, NC, SINK, WINDOW):
+    """Kept length of segments ``g`` (int32): the sinks (g = 0), kept cluster c = g - 1, the window (g = NC + 1)."""
+    size = tl.load(SIZES_ROW + c, mask=c_ok, other=0).to(tl.int32)
+    ln = tl.where(keep, size, 0)
+    ln = tl.where(g == 0, SINK, ln)
+    return tl.where(g == NC + 1, WINDOW, ln)
+
+
+@triton.jit
 def _decide_logits_kernel(
     LOGITS, PART, FIXED, THR, SIZES, PROBS, KEEP, SEGLEN, BLOCKSUM,
     s_gb, s_gh, s_gq, s_pb, s_ph, s_pk, s_fb, s_fh, s_sh, s_xb, s_xh, s_eb, s_eh, s_bb, s_bh,
@@ -43,24 +71,17 @@ def _decide_logits_kernel(
     h = (pid_bh % HK).to(tl.int64)
     offs_q = tl.arange(0, BLOCK_Q)
     q_ok = offs_q < NQ
-    logz = _reduce_parts(PART + b * s_pb + h * s_ph, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-    if HAS_FIXED:  # exact log-normaliser of the always-attended keys, given apart
-        logz = _logaddexp(logz, tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf")))
-    logz = tl.where(q_ok, logz, 0.0)
+    logz = _head_logz(PART + b * s_pb + h * s_ph, s_pk, NB, FIXED + b * s_fb + h * s_fh, offs_q, q_ok, HAS_FIXED,
+                      BLOCK_P, BLOCK_Q)
     g = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     c = g - 1
     c_ok = (g >= 1) & (c < NC)
-    both = q_ok[:, None] & c_ok[None, :]
-    logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + c[None, :], mask=both, other=0.0)
-    p = _sum(tl.where(both, tl.exp(logits - logz[:, None]), 0.0), axis=0) / NQ
+    p = _cluster_probs(LOGITS + b * s_gb + h * s_gh, s_gq, logz, c, c_ok, offs_q, q_ok, NQ)
     keep = c_ok & (p >= tl.load(THR + h))
     tl.store(PROBS + b * s_xb + h * s_xh + c, p, mask=c_ok)
     tl.store(KEEP + b * s_xb + h * s_xh + c, keep.to(tl.uint8), mask=c_ok)
     if HAS_SEGLEN:
-        size = tl.load(SIZES + h * s_sh + c, mask=c_ok, other=0).to(tl.int32)
-        ln = tl.where(keep, size, 0)
-        ln = tl.where(g == 0, SINK, ln)
-        ln = tl.where(g == NC + 1, WINDOW, ln)
+        ln = _segment_lengths(keep, SIZES + h * s_sh, g, c, c_ok, NC, SINK, WINDOW)
         tl.store(SEGLEN + b * s_eb + h * s_eh + g, ln, mask=g < NC + 2)
         tl.store(BLOCKSUM + b * s_bb + h * s_bh + pid + tl.arange(0, 1), _sum(ln, axis=0) + tl.full([1], 0, tl.int32))
 

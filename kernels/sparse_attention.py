@@ -281,16 +281,23 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
     if not reduce:
         return part_o, part_l
     if splits > 1:
-        out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
-        block_s = min(triton.next_power_of_2(splits), 128)
-        _split_reduce_kernel[(nq, b * hk)](
-            part_o, part_l, out3, lse3,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
-            part_l.stride(0), part_l.stride(1), part_l.stride(2),
-            out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
-            hk, splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, num_warps=4,
-        )
+        reduce_splits(part_o, part_l, out, lse)
     return out, lse
+
+
+def reduce_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge split-K partials out [B, Hk, S, G*T, D], lse [B, Hk, S, G*T] (normalised per split, -inf where a
+    split kept nothing) by log-sum-exp into out [B, Hq, T, D] and lse [B, Hq, T] (float32, contiguous)."""
+    b, hk, splits, nq, d = part_o.shape
+    out3, lse3 = out.view(b, hk, nq, d), lse.view(b, hk, nq)
+    _split_reduce_kernel[(nq, b * hk)](
+        part_o, part_l, out3, lse3,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
+        part_l.stride(0), part_l.stride(1), part_l.stride(2),
+        out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
+        hk, splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_S=min(triton.next_power_of_2(splits), 128), num_warps=4,
+    )
 
 
 def sparse_attention(

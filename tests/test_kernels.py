@@ -894,3 +894,152 @@ def test_decide_from_logits_equals_the_probability_launch(nq, n, always):
     else:
         rel = ((probs_new - probs_old).abs() / probs_old.abs().clamp_min(1e-30)).max()
         assert float(rel) <= 1e-5, f"max relative difference {float(rel):.3g}"
+
+
+# ----------------------------------------------------------------------------------------------- cluster attention
+
+
+CLUSTER_CASES = [  # b, hk, g, t, d, n, dtype, decide, with_fixed, config
+    pytest.param(2, 2, 4, 1, 64, 700, "fp32", True, True, None, id="decide-G4-fixed-fp32"),
+    pytest.param(1, 3, 1, 1, 128, 500, "bf16", True, False, None, id="decide-G1-D128-bf16"),
+    pytest.param(2, 2, 4, 1, 64, 700, "fp16", False, False, None, id="seglen-G4-fp16"),
+    pytest.param(1, 2, 2, 3, 64, 900, "fp32", False, False, dict(programs=1), id="seglen-G2-T3-one-program"),
+    pytest.param(1, 2, 8, 2, 64, 300, "fp32", True, False, dict(chunk=32, programs=64), id="decide-16-rows-chunk32"),
+    pytest.param(2, 2, 4, 1, 128, 32768, "bf16", True, True, None, id="decide-G4-32K-bf16",
+                 marks=[pytest.mark.gpu, gpu]),
+    pytest.param(1, 8, 4, 1, 128, 131072, "bf16", False, False, None, id="seglen-G4-128K-bf16",
+                 marks=[pytest.mark.gpu, gpu]),
+]
+
+
+@pytest.mark.parametrize("b,hk,g,t,d,n,dt,decide,with_fixed,config", CLUSTER_CASES)
+def test_cluster_attention_matches_ref(b, hk, g, t, d, n, dt, decide, with_fixed, config):
+    """Attention straight over the kept segments (decisions in the kernel, or given kept lengths) against the
+    reference, through the reduced output and through the partials merged by the fused epilogue; the byte
+    counter adds what the positions kernel adds for the same selection."""
+    from sqattn_index.kernels.cluster_attention import cluster_attention
+    from sqattn_index.kernels.fused_attention import merge_with_new_tokens
+    from sqattn_index.kernels.lookup import _Level
+    from sqattn_index.kernels.positions import kept_positions, segment_lows
+
+    (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g * t, d, n, 4, dt, n + g)
+    q = q4.reshape(b, hk * g, t, d)
+    values = torch.randn(keys.shape, generator=torch.Generator().manual_seed(n)).to(DEV)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    scale = d ** -0.5
+    lows = segment_lows(fo, n, window)
+    c = fc.shape[1]
+    fixed = ref.always_logz_ref(q4, keys, sink, window, scale) if with_fixed else None
+    fine = _Level(q4, fc, fs, scale, "ieee", flat_fine=True)
+    parts, _, logits = fine.lse()
+    if decide:
+        rprobs, _ = ref.decide_from_logits_ref(logits, parts, torch.zeros(hk, device=DEV), fs, fixed_logz=fixed)
+        thr = midpoint_threshold(rprobs, 0.8, min_gap=1e-4)
+        kw = dict(logits=logits, parts=parts, threshold=thr, sizes=fs, fixed_logz=fixed, sink=sink, window=window)
+        seglen = torch.empty(b, hk, c + 2, dtype=torch.int32, device=DEV)
+        ref.decide_from_logits_ref(logits, parts, thr, fs, fixed_logz=fixed, seglen=seglen, sink=sink, window=window)
+    else:
+        gen = torch.Generator().manual_seed(7)
+        keep = (torch.rand(b, hk, c, generator=gen) < 0.15).to(DEV)
+        seglen = torch.cat([torch.full((b, hk, 1), sink, device=DEV), torch.where(keep, fs.unsqueeze(0), 0),
+                            torch.full((b, hk, 1), window, device=DEV)], dim=2).to(torch.int32)
+        kw = dict(seglen=seglen)
+    acc = torch.zeros(2, dtype=torch.int64, device=DEV)
+    counter = (acc, 2 * d * 2, d * 4, n * 2 * d * 2)
+    out, lse = cluster_attention(q, keys, values, lows, scale, counter=counter, num_scored=c, config=config, **kw)
+    rout, rlse = ref.cluster_attention_ref(q, keys, values, lows, scale, **kw)
+    kept = seglen.sum(-1)
+    assert 0 < int(kept.min()) and int(kept.max()) < n  # a real selection, neither empty nor everything
+    tol = attn_tol(q.dtype)
+    assert out.dtype == torch.float32 and rel_rms(out, rout) < tol
+    assert torch.allclose(lse, rlse, atol=10 * tol, rtol=0)
+    want = torch.zeros(2, dtype=torch.int64, device=DEV)
+    kept_positions(seglen, lows, n, counter=(want,) + counter[1:], num_coarse=c)
+    assert torch.equal(acc, want)
+    # partials into the fused epilogue with new tokens: the reference of fixed context + new tokens
+    part_o, part_l = cluster_attention(q, keys, values, lows, scale, reduce=False, config=config, **kw)
+    m = t + 2
+    new_k = torch.randn(b, hk, m, d, generator=torch.Generator().manual_seed(3)).to(DEV, q.dtype)
+    new_v = torch.randn_like(new_k)
+    slots = torch.arange(m - t, m, device=DEV)
+    fused, _ = merge_with_new_tokens(part_o, part_l, q, new_k, new_v, slots, scale)
+    rnew, rnew_lse = ref.slotted_causal_attention_ref(q, new_k, new_v, slots, scale)
+    rfused, _ = ref.lse_merge_ref(rout, rlse, rnew, rnew_lse)
+    assert rel_rms(fused.float(), rfused) < 2 * tol + (1e-2 if q.dtype != torch.float32 else 0)
+
+
+def test_cluster_attention_keeps_nothing_and_rejects_bad_input():
+    """Nothing kept (no sinks, no window, threshold above every probability): zeros and -inf, as the
+    reference; wrong shapes and dtypes get clear errors."""
+    from sqattn_index.kernels.cluster_attention import cluster_attention
+    from sqattn_index.kernels.lookup import _Level
+    from sqattn_index.kernels.positions import segment_lows
+
+    b, hk, g, d, n = 1, 2, 4, 64, 400
+    (q4, fc, fs, ccent, cs, co, fo, keys), _ = make_lookup_case(b, hk, g, d, n, 4, "fp32", 5)
+    q = q4.reshape(b, hk * g, 1, d)
+    fo = fo - fo[:, :1]  # no sinks: the clusters start at 0 and end at n - 7
+    lows = segment_lows(fo, n, 0)
+    parts, _, logits = _Level(q4, fc, fs, d ** -0.5, "ieee", flat_fine=True).lse()
+    kw = dict(logits=logits, parts=parts, threshold=torch.full((hk,), 2.0, device=DEV), sizes=fs)
+    out, lse = cluster_attention(q, keys, keys, lows, d ** -0.5, **kw)
+    rout, rlse = ref.cluster_attention_ref(q, keys, keys, lows, d ** -0.5, **kw)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(rout, out)
+    assert bool(torch.isneginf(lse).all()) and bool(torch.isneginf(rlse).all())
+    with pytest.raises(ValueError, match="give seglen, or logits"):
+        cluster_attention(q, keys, keys, lows, d ** -0.5)
+    with pytest.raises(ValueError, match="seg_lows must be int32"):
+        cluster_attention(q, keys, keys, lows.long(), d ** -0.5, **kw)
+    with pytest.raises(ValueError, match="seglen must be int32"):
+        cluster_attention(q, keys, keys, lows, d ** -0.5, seglen=torch.zeros(b, hk, 3, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="at most 16 grouped query rows"):
+        cluster_attention(q.expand(b, hk * g, 5, d), keys, keys, lows, d ** -0.5, **kw)
+    with pytest.raises(ValueError, match="positive softmax scale"):
+        cluster_attention(q, keys, keys, lows, 0.0, **kw)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "budget"])
+@pytest.mark.parametrize("g,always", [pytest.param(4, True, id="G4-always-in-kernel"),
+                                      pytest.param(1, False, id="G1-plain")])
+def test_flat_lookup_attention_equals_positions_path(mode, g, always):
+    """Lookup + attention in two or three launches (``flat_lookup_attention``) against the positions path
+    (flat ``centroid_lookup_positions`` + ``sparse_attention_positions``) and the torch reference, with the
+    spread term and the always-attended normaliser; the KV-budget counter adds the same bytes."""
+    from sqattn_index.kernels.cluster_attention import flat_lookup_attention
+    from sqattn_index.kernels.positions import segment_lows
+
+    b, hk, d, n = 2, 2, 64, 1200
+    (q4, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, g, d, n, 4, "fp32", 21 + g)
+    q = q4.reshape(b, hk * g, 1, d)
+    values = torch.randn_like(keys)
+    scale = d ** -0.5
+    spread = (0.05 * torch.rand(fs.shape, generator=torch.Generator().manual_seed(2))).to(DEV)
+    rkw = dict(fine_spread=spread, fixed_logz=ref.always_logz_ref(q4, keys, sink, window, scale) if always else None)
+    if mode == "threshold":
+        sel, _, _ = threshold_selection(q4, fc, fs, ccent, cs, co, scale, False, fine_frac=0.8,
+                                        terms=(spread, None, rkw["fixed_logz"]))
+        sel_kw = dict(fine_threshold=sel[0])
+    else:
+        sel = (None, None, 0.15 * fs.sum(1).float().expand(b, hk), None)
+        sel_kw = dict(budget=sel[2])
+    kw = dict(fine_spread=spread, always_keys=(keys, sink, window) if always else None)
+    lows = segment_lows(fo, n, window)
+    counter = lambda acc: (acc, 4 * d * 2, 4 * d + 4, n * 4 * d * 2)  # noqa: E731
+    acc, acc_pos = torch.zeros(2, dtype=torch.int64, device=DEV), torch.zeros(2, dtype=torch.int64, device=DEV)
+    out, lse = flat_lookup_attention(q, keys, values, fc, fs, lows, scale, sink_tokens=sink, window_tokens=window,
+                                     counter=counter(acc), **sel_kw, **kw)
+    keep, _, pos, total = centroid_lookup_positions(q4, fc, fs, ccent, cs, co, *sel, scale, False, seg_lows=lows,
+                                                    num_tokens=n, sink_tokens=sink, window_tokens=window,
+                                                    counter=counter(acc_pos), **kw)
+    pout, plse = sparse_attention_positions(q, keys, values, pos, total, scale)
+    rkeep, _ = ref.centroid_lookup_ref(q4, fc, fs, ccent, cs, co, *sel, scale, False, **rkw)
+    assert torch.equal(keep, rkeep) and 0 < int(keep.sum()) < keep.numel()
+    s, e, c = ref.ranges_from_mask_ref(rkeep, fo, n, sink, window)
+    rout, rlse = ref.sparse_attention_ref(q, keys, values, s, e, c, scale)
+    tol = attn_tol(torch.float32)  # tf32 tensor cores on the GPU
+    assert rel_rms(out, rout) < tol and rel_rms(out, pout) < tol and torch.allclose(lse, rlse, atol=10 * tol)
+    assert torch.equal(acc, acc_pos)
+    with pytest.raises(ValueError, match="exactly one"):
+        flat_lookup_attention(q, keys, values, fc, fs, lows, scale)
+    with pytest.raises(ValueError, match="serves decode"):
+        flat_lookup_attention(q.expand(b, hk * g, 17, d), keys, values, fc, fs, lows, scale, **sel_kw)
