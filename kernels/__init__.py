@@ -1,7 +1,7 @@
 """Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references.
 
 The Triton modules (``lookup`` with ``lookup_kernels`` and ``decide``, ``always_logz``, ``budget``, ``sparse_attention``
-with ``positions``, ``cluster_attention``, ``fused_attention``, ``merge``) are imported lazily through ``get_ops``, so importing this package defines no Triton kernel
+with ``positions``, ``fused_attention``, ``merge``) are imported lazily through ``get_ops``, so importing this package defines no Triton kernel
 (``TRITON_INTERPRET`` must be set before kernels are defined).
 """
 
@@ -11,7 +11,6 @@ from .reference import (
     budget_mask_ref,
     causal_attention_ref,
     centroid_lookup_ref,
-    cluster_attention_ref,
     decide_from_logits_ref,
     group_queries_ref,
     lse_merge_ref,
@@ -27,7 +26,6 @@ __all__ = [
     "causal_attention_ref",
     "get_ops",
     "centroid_lookup_ref",
-    "cluster_attention_ref",
     "decide_from_logits_ref",
     "group_queries_ref",
     "lse_merge_ref",

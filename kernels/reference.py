@@ -131,40 +131,6 @@ def decide_from_logits_ref(
     return probs, keep
 
 
-def cluster_attention_ref(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    seg_lows: torch.Tensor,
-    scale: float,
-    *,
-    seglen: torch.Tensor | None = None,
-    logits: torch.Tensor | None = None,
-    parts: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
-    sizes: torch.Tensor | None = None,
-    fixed_logz: torch.Tensor | None = None,
-    sink: int = 0,
-    window: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention over the kept segments (the reference of kernels/cluster_attention.py).
-
-    seg_lows [Hk, C + 2] first sorted position of each segment (sinks, fine clusters, window); the kept
-    lengths come from ``seglen`` [B, Hk, C + 2], or from the threshold decisions of
-    ``decide_from_logits_ref(logits, parts, threshold, sizes, fixed_logz=..., sink=..., window=...)``.
-    Returns out [B, Hq, T, D] float32 and lse [B, Hq, T] float32 as ``sparse_attention_ref``.
-    """
-    b, hk = q.shape[0], keys.shape[0]
-    if seglen is None:
-        seglen = torch.empty(b, hk, seg_lows.shape[1], dtype=torch.int32, device=q.device)
-        decide_from_logits_ref(logits, parts, threshold, sizes, fixed_logz=fixed_logz, seglen=seglen, sink=sink,
-                               window=window)
-    starts = seg_lows.to(torch.int64).unsqueeze(0).expand(b, -1, -1)
-    ends = starts + seglen.to(torch.int64)
-    counts = torch.full((b, hk), seg_lows.shape[1], dtype=torch.int64, device=q.device)
-    return sparse_attention_ref(q, keys, values, starts, ends, counts, scale)
-
-
 def centroid_lookup_ref(
     q: torch.Tensor,
     fine_centroids: torch.Tensor,
