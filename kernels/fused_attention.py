@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _attend, _max, _merge_splits, _sum
+from .sparse_attention import _attend, _epilogue_row, fuses_merge
 
 __all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
 
@@ -50,37 +50,10 @@ def _merge_new_tokens_kernel(
     t = (row % T).to(tl.int64)
     qh = h * G + row // T
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    # 1. the fixed context: NSPLIT normalised partials with their log-sum-exps
-    m, den, acc = _merge_splits(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row,
-                                s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D, BLOCK_S)
-    # 2. the new tokens this query sees: buffer entries 0 .. slot
-    slot = tl.load(SLOTS + t)
-    q = tl.load(Q + b * s_qb + qh * s_qh + t * s_qt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    k_base = NK + b * s_kb + h * s_kh
-    v_base = NV + b * s_vb + h * s_vh
-    for n0 in range(0, slot + 1, BLOCK_N):
-        nn = n0 + offs_n
-        n_ok = nn <= slot
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + nn[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + nn[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        logits = _sum(k.to(tl.float32) * q[None, :], axis=1) * scale
-        logits = tl.where(n_ok, logits, float("-inf"))
-        m_new = tl.maximum(m, _max(logits, axis=0))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - m_new_safe)
-        beta = tl.exp(m - m_new_safe)
-        den = den * beta + _sum(p, axis=0)
-        acc = acc * beta + _sum(p[:, None] * v.to(tl.float32), axis=0)
-        m = m_new
-    has = den > 0.0
-    den_safe = tl.where(has, den, 1.0)
-    out = acc / den_safe
-    tl.store(OUT + b * s_ob + qh * s_oh + t * s_ot + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
-    lse = tl.where(has, m + tl.log(den_safe), float("-inf"))
-    tl.store(LSE + b * s_lb + qh * s_lh + t * s_lt + tl.arange(0, 1), lse)
+    _epilogue_row(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row, s_pos, s_pls, NSPLIT,
+                  Q + b * s_qb + qh * s_qh + t * s_qt, NK + b * s_kb + h * s_kh, NV + b * s_vb + h * s_vh, s_kn, s_vn,
+                  tl.load(SLOTS + t), OUT + b * s_ob + qh * s_oh + t * s_ot, LSE + b * s_lb + qh * s_lh + t * s_lt,
+                  scale, offs_d, offs_d < HEAD_DIM, True, BLOCK_D, BLOCK_S, BLOCK_N, "")
 
 
 def _check_new_tokens(q, hk, new_keys, new_values, slots) -> None:
@@ -160,6 +133,7 @@ def sparse_attention_with_new_tokens(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of T new tokens over the kept fixed-context keys and, causally, the new tokens (Triton; same
     arguments and results as ``sparse_attention_with_new_tokens_ref``).
@@ -172,10 +146,18 @@ def sparse_attention_with_new_tokens(
             cache's M tokens); slots: [T] int64, query t sees entries 0 .. slots[t] (slots[t] < C).
         out: optional [B, Hq, T, D] output of any float dtype and strides (e.g. a transposed view of a
             [B, T, Hq, D] buffer); written in place and returned.
+        ticket: decode only: int32 [>= B * Hk] zeros for the in-launch merge (``sparse_attention_positions``).
     Returns:
         out [B, Hq, T, D] (float32 unless ``out`` is given), lse [B, Hq, T] float32 (over both parts).
     """
     _check_new_tokens(q, keys.shape[0], new_keys, new_values, slots)  # before the sparse kernel runs
     q = q if q.is_contiguous() else q.contiguous()
+    if fuses_merge(q, keys.shape[0]):  # decode: the epilogue in the sparse launch (its last program per head)
+        out = out if out is not None else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        new_keys = new_keys if new_keys.stride(-1) == 1 else new_keys.contiguous()
+        new_values = new_values if new_values.stride(-1) == 1 else new_values.contiguous()
+        block_new = MERGE_TUNING["block_n"] if q.shape[-1] > 64 else 2 * MERGE_TUNING["block_n"]
+        return _attend(q, keys, values, pos, total, scale, num_splits, fuse=dict(
+            out=out, new=(new_keys, new_values, slots), block_new=block_new, ticket=ticket))
     part_o, part_l = _attend(q, keys, values, pos, total, scale, num_splits, reduce=False)
     return merge_with_new_tokens(part_o, part_l, q, new_keys, new_values, slots, scale, out=out)
