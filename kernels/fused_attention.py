@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _attend, _epilogue_row, fuses_merge
+from .sparse_attention import _attend, _epilogue_row
 
 __all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
 
@@ -53,7 +53,7 @@ def _merge_new_tokens_kernel(
     _epilogue_row(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row, s_pos, s_pls, NSPLIT,
                   Q + b * s_qb + qh * s_qh + t * s_qt, NK + b * s_kb + h * s_kh, NV + b * s_vb + h * s_vh, s_kn, s_vn,
                   tl.load(SLOTS + t), OUT + b * s_ob + qh * s_oh + t * s_ot, LSE + b * s_lb + qh * s_lh + t * s_lt,
-                  scale, offs_d, offs_d < HEAD_DIM, True, BLOCK_D, BLOCK_S, BLOCK_N, "")
+                  scale, offs_d, offs_d < HEAD_DIM, True, BLOCK_D, BLOCK_S, BLOCK_N)
 
 
 def _check_new_tokens(q, hk, new_keys, new_values, slots) -> None:
@@ -133,7 +133,6 @@ def sparse_attention_with_new_tokens(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of T new tokens over the kept fixed-context keys and, causally, the new tokens (Triton; same
     arguments and results as ``sparse_attention_with_new_tokens_ref``).
@@ -146,18 +145,10 @@ def sparse_attention_with_new_tokens(
             cache's M tokens); slots: [T] int64, query t sees entries 0 .. slots[t] (slots[t] < C).
         out: optional [B, Hq, T, D] output of any float dtype and strides (e.g. a transposed view of a
             [B, T, Hq, D] buffer); written in place and returned.
-        ticket: decode only: int32 [>= B * Hk] zeros for the in-launch merge (``sparse_attention_positions``).
     Returns:
         out [B, Hq, T, D] (float32 unless ``out`` is given), lse [B, Hq, T] float32 (over both parts).
     """
     _check_new_tokens(q, keys.shape[0], new_keys, new_values, slots)  # before the sparse kernel runs
     q = q if q.is_contiguous() else q.contiguous()
-    if fuses_merge(q, keys.shape[0]):  # decode: the epilogue in the sparse launch (its last program per head)
-        out = out if out is not None else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        new_keys = new_keys if new_keys.stride(-1) == 1 else new_keys.contiguous()
-        new_values = new_values if new_values.stride(-1) == 1 else new_values.contiguous()
-        block_new = MERGE_TUNING["block_n"] if q.shape[-1] > 64 else 2 * MERGE_TUNING["block_n"]
-        return _attend(q, keys, values, pos, total, scale, num_splits, fuse=dict(
-            out=out, new=(new_keys, new_values, slots), block_new=block_new, ticket=ticket))
     part_o, part_l = _attend(q, keys, values, pos, total, scale, num_splits, reduce=False)
     return merge_with_new_tokens(part_o, part_l, q, new_keys, new_values, slots, scale, out=out)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_attention", "sparse_attention_positions", "fuses_merge", "FUSED_MERGE"]
+__all__ = ["sparse_attention", "sparse_attention_positions"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -95,16 +95,10 @@ def _sparse_attn_kernel(
     s_ob, s_oh, s_os, s_om,
     s_lb, s_lh, s_ls,
     HK, NQ, NSPLIT, qk_scale,
-    TICKET, FOUT, FLSE, NK, NV, SLOTS,
-    s_fob, s_foh, s_fot, s_flb, s_flh, s_flt, s_nkb, s_nkh, s_nkn, s_nvb, s_nvh, s_nvn, G, T, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, FUSE: tl.constexpr, HAS_NEW: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_NEW: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse).
-    With FUSE (decode: one query block) the program that finishes last for its (b, h), by a ticket counted
-    in TICKET[b*h], merges the NSPLIT partials of every row into FOUT/FLSE (with HAS_NEW, also the row's causal
-    attention over the new tokens NK/NV up to SLOTS[t]) and puts the ticket back to 0."""
+    """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -150,29 +144,13 @@ def _sparse_attn_kernel(
     o_ptr = OUT + b * s_ob + h * s_oh + pid_s * s_os + offs_m[:, None] * s_om + offs_d[None, :]
     tl.store(o_ptr, out, mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * s_lb + h * s_lh + pid_s * s_ls + offs_m, lse, mask=m_ok)
-    if FUSE:
-        tl.debug_barrier()  # every thread's partial is stored before the ticket (an acq_rel atomic) is taken
-        ticket = tl.atomic_add(TICKET + pid_bh, 1)
-        if ticket == NSPLIT - 1:  # the other NSPLIT - 1 partials of this (b, h) are written: merge them
-            for row in range(0, NQ):
-                t = row % T
-                qh = h * G + row // T
-                slot = tl.load(SLOTS + t) if HAS_NEW else 0
-                _epilogue_row(OUT + b * s_ob + h * s_oh + row * s_om, LSE + b * s_lb + h * s_lh + row, s_os, s_ls,
-                              NSPLIT, Q + b * s_qb + h * s_qh + row * s_qm, NK + b * s_nkb + h * s_nkh,
-                              NV + b * s_nvb + h * s_nvh, s_nkn, s_nvn, slot, FOUT + b * s_fob + qh * s_foh + t * s_fot,
-                              FLSE + b * s_flb + qh * s_flh + t * s_flt, scale, offs_d, d_ok, HAS_NEW, BLOCK_D,
-                              BLOCK_S, BLOCK_NEW, ".cg")
-            tl.store(TICKET + pid_bh + tl.arange(0, 1), tl.full([1], 0, tl.int32))  # ready for the next launch
 
 
 @triton.jit
-def _merge_splits(po_row, pl_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  CACHE: tl.constexpr = ""):
+def _merge_splits(po_row, pl_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Online log-sum-exp over the NSPLIT normalised partials of one query row (po_row: its output row of
     split 0, pl_row: its lse of split 0) -> running max m [1], denominator den [1], accumulator acc [BLOCK_D]
-    (fp32; more terms may be merged into them before out = acc / den, lse = m + log den). CACHE: the loads'
-    cache modifier (".cg" where other programs of the same launch wrote the partials)."""
+    (fp32; more terms may be merged into them before out = acc / den, lse = m + log den)."""
     offs_s = tl.arange(0, BLOCK_S)
     m = tl.full([1], float("-inf"), tl.float32)
     den = tl.full([1], 0.0, tl.float32)
@@ -180,12 +158,12 @@ def _merge_splits(po_row, pl_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D: t
     for s0 in range(0, NSPLIT, BLOCK_S):
         ss = s0 + offs_s
         s_ok = ss < NSPLIT
-        part_lse = tl.load(pl_row + ss * s_pls, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+        part_lse = tl.load(pl_row + ss * s_pls, mask=s_ok, other=float("-inf"))
         m_split = tl.maximum(m, _max(part_lse, axis=0))
         m_split_safe = tl.where(m_split == float("-inf"), 0.0, m_split)
         w = tl.exp(part_lse - m_split_safe)  # [BLOCK_S], 0 for empty splits
         o = tl.load(po_row + ss[:, None] * s_pos + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                    other=0.0, cache_modifier=CACHE).to(tl.float32)
+                    other=0.0).to(tl.float32)
         o = tl.where((w > 0.0)[:, None], o, 0.0)
         alpha = tl.exp(m - m_split_safe)
         den = den * alpha + _sum(w, axis=0)
@@ -197,11 +175,11 @@ def _merge_splits(po_row, pl_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D: t
 @triton.jit
 def _epilogue_row(PO_row, PL_row, s_pos, s_pls, NSPLIT, q_row, NK_base, NV_base, s_kn, s_vn, slot, OUT_row, LSE_row,
                   scale, offs_d, d_ok, HAS_NEW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CACHE: tl.constexpr):
+                  BLOCK_N: tl.constexpr):
     """One query row's output: its NSPLIT fixed-context partials merged by log-sum-exp and, with HAS_NEW, its
     causal attention over the new tokens 0 .. slot (keys/values at NK_base/NV_base, query q_row, natural
     scale); out (cast to OUT_row's dtype) and lse (natural log; -inf where nothing is attended) stored."""
-    m, den, acc = _merge_splits(PO_row, PL_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D, BLOCK_S, CACHE)
+    m, den, acc = _merge_splits(PO_row, PL_row, s_pos, s_pls, NSPLIT, offs_d, d_ok, BLOCK_D, BLOCK_S)
     if HAS_NEW:
         q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
@@ -242,7 +220,7 @@ def _split_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     _epilogue_row(PO + b * s_pob + h * s_poh + row * s_pom, PL + b * s_plb + h * s_plh + row, s_pos, s_pls, NSPLIT,
                   PO, PO, PO, 0, 0, 0, OUT + b * s_ob + h * s_oh + row * s_om, LSE + b * s_lb + h * s_lh + row, 1.0,
-                  offs_d, offs_d < HEAD_DIM, False, BLOCK_D, BLOCK_S, 16, "")
+                  offs_d, offs_d < HEAD_DIM, False, BLOCK_D, BLOCK_S, 16)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -284,25 +262,10 @@ def _check_scale(scale) -> None:
         raise ValueError(f"scale must be a positive softmax scale (e.g. head_dim ** -0.5); got {scale!r}")
 
 
-# Decode (one query block per head): the split-K merge, and the new tokens' causal attention of the fused
-# epilogue, run inside the sparse launch, by the program of each (b, h) that finishes last (a ticket counter),
-# instead of a second launch. False: the separate merge launch (benchmarks time both in one run).
-FUSED_MERGE = True
-
-
-def fuses_merge(q: torch.Tensor, num_kv_heads: int) -> bool:
-    """Whether ``_attend`` merges in the same launch for these queries: FUSED_MERGE and one query block per
-    KV head (decode: G * T <= 16)."""
-    return FUSED_MERGE and (q.shape[1] // num_kv_heads) * q.shape[2] <= 16
-
-
-def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True, fuse=None):
+def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):
     """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``. With
     ``reduce=False`` it returns the split-K partials instead: out [B, Hk, S, G*T, D] and lse [B, Hk, S, G*T]
-    (normalised per split; S may be 1), for an epilogue that merges them itself. ``fuse`` (only where
-    ``fuses_merge``): dict(out=[B, Hq, T, D] output or None (float32), new=(new_keys, new_values, slots) or
-    None, block_new=new-token keys per step, ticket=int32 [B * Hk] zeros or None): the merge (and the new
-    tokens' causal attention) in the same launch; returns the final (out, lse)."""
+    (normalised per split; S may be 1), for an epilogue that merges them itself."""
     b, hq, t, d = q.shape
     hk, n, _ = keys.shape
     if hq % hk:
@@ -320,36 +283,15 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         cfg["BLOCK_N"] = block_n
     n_m = triton.cdiv(nq, cfg["BLOCK_M"])
     splits = num_splits or _auto_splits(n_m * b * hk, n, cfg["BLOCK_N"], dev, decode=n_m == 1)
-    if fuse is not None and n_m != 1:
-        raise ValueError(f"the merge runs in the sparse launch only with one query block per head; got {nq} rows")
-    out = fuse["out"] if fuse is not None and fuse["out"] is not None else \
-        torch.empty(b, hq, t, d, dtype=torch.float32, device=dev)
+    out = torch.empty(b, hq, t, d, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, t, dtype=torch.float32, device=dev)
-    if splits == 1 and fuse is None:  # the one partial is the output
+    if splits == 1:  # the one partial is the output
         part_o, part_l = out.view(b, hk, 1, nq, d), lse.view(b, hk, 1, nq)
     else:
         part_o = torch.empty(b, hk, splits, nq, d, dtype=torch.float32, device=dev)
         part_l = torch.empty(b, hk, splits, nq, dtype=torch.float32, device=dev)
     upcast = _interpret() or q.dtype != keys.dtype or keys.dtype != values.dtype
     grid = (n_m, splits, b * hk)
-    new = fuse.get("new") if fuse is not None else None
-    if fuse is not None:
-        ticket = fuse.get("ticket")
-        if ticket is None:
-            ticket = torch.zeros(b * hk, dtype=torch.int32, device=dev)
-        elif ticket.dtype != torch.int32 or ticket.numel() < b * hk or not ticket.is_contiguous():
-            raise ValueError(f"ticket must be a contiguous int32 tensor of at least B*Hk = {b * hk} zeros; got "
-                             f"{ticket.dtype} {tuple(ticket.shape)}")
-        if out.shape != q.shape or out.stride(-1) != 1:
-            raise ValueError(f"out must be [B, Hq, T, D] = {tuple(q.shape)} with a contiguous last dim; "
-                             f"got {tuple(out.shape)} with strides {out.stride()}")
-        nk, nv, slots = new if new is not None else (part_o, part_o, part_l)
-        fo, fl = out, lse
-        nk_s = (nk.stride(0), nk.stride(1), nk.stride(2)) if new is not None else (0, 0, 0)
-        nv_s = (nv.stride(0), nv.stride(1), nv.stride(2)) if new is not None else (0, 0, 0)
-    else:
-        ticket = fo = fl = nk = nv = slots = part_l
-        nk_s = nv_s = (0, 0, 0)
     _sparse_attn_kernel[grid](
         qg, keys, values, pos, total, part_o, part_l,
         qg.stride(0), qg.stride(1), qg.stride(2),
@@ -358,17 +300,9 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
-        ticket, fo, fl, nk, nv, slots,
-        *((fo.stride(0), fo.stride(1), fo.stride(2), fl.stride(0), fl.stride(1), fl.stride(2)) if fuse is not None
-          else (0,) * 6), *nk_s, *nv_s, hq // hk, t, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, FUSE=fuse is not None, HAS_NEW=new is not None,
-        BLOCK_S=min(triton.next_power_of_2(splits), 64),
-        BLOCK_NEW=(fuse.get("block_new") or 64) if fuse is not None else 16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if fuse is not None:
-        return out, lse
     if not reduce:
         return part_o, part_l
     if splits > 1:
@@ -427,8 +361,7 @@ def sparse_attention(
     from .positions import expand_positions  # (positions imports this module's reduction helpers)
 
     pos = expand_positions(cum, starts.to(torch.int32), n)
-    fuse = dict(out=None, new=None, ticket=None) if fuses_merge(q, keys.shape[0]) else None
-    return _attend(q, keys, values, pos, cum[..., -1], scale, num_splits, block_n, fuse=fuse)
+    return _attend(q, keys, values, pos, cum[..., -1], scale, num_splits, block_n)
 
 
 def sparse_attention_positions(
@@ -442,7 +375,6 @@ def sparse_attention_positions(
     num_splits: int | None = None,
     block_n: int | None = None,
     config: dict | None = None,
-    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the keys at sorted positions ``pos[b, h, :total[b, h]]`` (no host sync).
 
@@ -451,11 +383,7 @@ def sparse_attention_positions(
         pos: [B, Hk, >= max total] int32 sorted positions of the kept keys, e.g. from
             ``lookup.centroid_lookup_positions``; total: [B, Hk] int32 kept keys per head.
         config: overrides of the launch settings (BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning.
-        ticket: decode only (``fuses_merge``): an int32 [>= B * Hk] buffer of zeros that the launch counts in
-            to find the last program of each head, which then merges the splits (left zeroed again, so one
-            buffer serves any number of sequential calls on one stream); None allocates one per call.
     Returns:
         out [B, Hq, T, D] float32, lse [B, Hq, T] float32, as ``sparse_attention``.
     """
-    fuse = dict(out=None, new=None, ticket=ticket) if fuses_merge(q, keys.shape[0]) else None
-    return _attend(q, keys, values, pos, total, scale, num_splits, block_n, config, fuse=fuse)
+    return _attend(q, keys, values, pos, total, scale, num_splits, block_n, config)

@@ -242,11 +242,9 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
                                          window_tokens=layer.window, precision=precision,
                                          **estimate_kwargs(layer, qg, scale, estimate))
 
-    ticket = torch.zeros(b * hk, dtype=torch.int32, device=q.device)  # decode: the in-launch merge's counter
-
     def step():
         _, _, pos, total = lookup()
-        return sparse_attention_positions(q, layer.keys, layer.values, pos, total, scale, ticket=ticket)
+        return sparse_attention_positions(q, layer.keys, layer.values, pos, total, scale)
 
     return step, lookup
 
@@ -426,9 +424,7 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
             rows.append(row(phase=phase, keep=keep, dense_ms=dense_ms, squeezed_ms=sq_ms,
                             speedup=dense_ms / sq_ms, achieved_gbps=(kv_bytes + cent_bytes) / (sq_ms * 1e6)))
             if phase == "decode":
-                ticket = torch.zeros(hk, dtype=torch.int32, device=dev)
-                sp_ms = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total, scale,
-                                                                 ticket=ticket))
+                sp_ms = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total, scale))
                 log(f"    sparse attention alone {sp_ms:.3f} ms: {kv_bytes / (sp_ms * 1e6):.0f} GB/s of K/V read "
                     f"({kv_bytes / (sp_ms * 1e6) / max(copy_gbps, 1e-9):.0%} of copy)")
                 rows.append(row(phase="decode-sparse-kernel", keep=keep, dense_ms=dense_ms, squeezed_ms=sp_ms,

@@ -184,7 +184,6 @@ class SqueezedCache(Cache):
         self.new_tokens = 0
         dev = corpus.layers[0].keys.device if corpus.layers else "cpu"
         self._bytes = torch.zeros(2, dtype=torch.int64, device=dev)  # read, dense: in place (graph-safe)
-        self._ticket: torch.Tensor | None = None  # zeros the decode launches count in (left zeroed by each)
         self.collect_mass = False
         self.per_token = False
         self.mass = None
@@ -264,16 +263,7 @@ class SqueezedCache(Cache):
         if self.spec.dense:
             self._count(layer, query.shape[0])
         return sparse_attention_with_new_tokens(query, layer.keys, layer.values, pos, total, key, value,
-                                                self._slots_for(query, key), scale, out=self._output(query),
-                                                ticket=self._ticket_for(query.shape[0] * layer.num_kv_heads))[0]
-
-    def _ticket_for(self, heads: int) -> torch.Tensor:
-        """The int32 zeros that the sparse launch of a decode step counts its finished programs in (its last
-        program per head merges; ``sparse_attention_positions``). Every launch leaves them zeroed, and the
-        layers run one after another on one stream, so one buffer serves them all, in CUDA graphs too."""
-        if self._ticket is None or self._ticket.numel() < heads:
-            self._ticket = torch.zeros(heads, dtype=torch.int32, device=self._bytes.device)
-        return self._ticket
+                                                self._slots_for(query, key), scale, out=self._output(query))[0]
 
     def _slots_for(self, query, key) -> torch.Tensor:
         """[T] last buffer entry each new query sees: the static slots, or the tail of a growing cache."""

@@ -100,43 +100,6 @@ def test_fused_attention_writes_caller_layout_and_dtype():
     assert rel_rms(out2, rout) < tol(torch.bfloat16)
 
 
-@pytest.mark.parametrize("new", [True, False], ids=["with-new-tokens", "fixed-context-only"])
-@pytest.mark.parametrize("g,t,splits", [(4, 1, 3), (1, 1, 5), (2, 3, 2)])
-def test_merge_in_the_sparse_launch_equals_the_separate_merge(monkeypatch, new, g, t, splits):
-    """Decode: the merge done by the last program of each head (a ticket counter) gives what the separate
-    merge launch gives; one ticket buffer serves repeated calls (the launch leaves it zeroed); a bad ticket
-    buffer is refused."""
-    from sqattn_index.kernels import sparse_attention as sa
-
-    q, keys, values, pos, total, nk, nv, slots = make_case(2, 2, g, t, 240, 64, 12, "fp32", seed=g + 10 * t,
-                                                           empty={(1, 0)})
-    scale = 0.125
-
-    def run(ticket=None):
-        if new:
-            return sparse_attention_with_new_tokens(q, keys, values, pos, total, nk, nv, slots, scale,
-                                                    num_splits=splits, ticket=ticket)
-        return sa.sparse_attention_positions(q, keys, values, pos, total, scale, num_splits=splits, ticket=ticket)
-
-    assert sa.fuses_merge(q, keys.shape[0])
-    ticket = torch.zeros(8, dtype=torch.int32, device=DEV)
-    fused = [run(ticket) for _ in range(3)]
-    assert torch.equal(ticket, torch.zeros_like(ticket))  # left zeroed after every launch
-    monkeypatch.setattr(sa, "FUSED_MERGE", False)
-    assert not sa.fuses_merge(q, keys.shape[0])
-    out, lse = run()
-    for fo, fl in fused:
-        assert rel_rms(fo, out) < 1e-5 and torch.allclose(fl, lse, atol=1e-5, equal_nan=True)
-    if new:
-        rout, _ = ref.sparse_attention_with_new_tokens_ref(q, keys, values, pos, total, nk, nv, slots, scale)
-        assert rel_rms(out, rout) < tol(q.dtype)
-    monkeypatch.setattr(sa, "FUSED_MERGE", True)
-    with pytest.raises(ValueError, match="ticket must be"):
-        run(torch.zeros(8, dtype=torch.int64, device=DEV))
-    with pytest.raises(ValueError, match="ticket must be"):
-        run(torch.zeros(3, dtype=torch.int32, device=DEV))
-
-
 def test_fused_attention_rejects_bad_shapes():
     q, keys, values, pos, total, nk, nv, slots = make_case(1, 2, 2, 1, 64, 64, 8, "fp32", seed=1)
     with pytest.raises(ValueError, match="slots"):
