@@ -1,11 +1,11 @@
-"""GPU timing of one squeezed decode step (one new token, 128K fixed context, keep 10%) in every selection
+"""GPU timing of one squeezed decode step (one new token, or --tokens question tokens; 128K fixed context, keep 10%) in every selection
 variant, in one run: budget / threshold x hierarchical / flat lookup, on the synthetic clustered layer of
 ``sqattn_index.bench`` (``gpu_prefill_lookup_sweep.build``; CUDA-graph timing, L2 flushed, ``bench.Timer``).
 
 Per shape and variant it prints the lookup time, the whole step (lookup + sparse attention), the kept keys
 as a fraction of the context, and with --profile the per-kernel profile of the step.
 
-    python benchmarks/gpu_decode_variants.py [--shapes llama3-8b,llama2-7b] [--context 131072] [--profile]
+    python benchmarks/gpu_decode_variants.py [--shapes llama3-8b,llama2-7b] [--context 131072] [--tokens 1] [--profile]
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tokens", type=int, default=1, help="question tokens (512: the prefill step)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    log(f"device {torch.cuda.get_device_name(dev)}; context {a.context}, one new token, keep {a.keep}")
+    log(f"device {torch.cuda.get_device_name(dev)}; context {a.context}, {a.tokens} new token(s), keep {a.keep}")
     for shape in a.shapes.split(","):
         for hierarchical in (True, False):
-            layer, q, fns = build(shape, a.context, a.keep, 1, dev, hierarchical=hierarchical)
+            layer, q, fns = build(shape, a.context, a.keep, a.tokens, dev, hierarchical=hierarchical)
             for mode, (step, lookup) in fns.items():
                 total = lookup()[3]
                 kept = float(total.sum()) / (total.numel() * a.context)
