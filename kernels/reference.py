@@ -29,6 +29,13 @@ __all__ = [
 NEG_INF = float("-inf")
 
 
+def check_scale(scale) -> None:
+    """Attention takes a positive softmax scale (the Triton kernels keep their running max in raw q.k units,
+    which needs one; the references hold the same contract)."""
+    if not scale > 0:
+        raise ValueError(f"scale must be a positive softmax scale (e.g. head_dim ** -0.5); got {scale!r}")
+
+
 def group_queries_ref(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, T, D] -> [B, Hk, G*T, D]: the queries each KV head serves (head-major within a group)."""
     b, hq, t, d = q.shape
@@ -300,6 +307,7 @@ def sparse_attention_ref(
     Returns:
         out: [B, Hq, T, D] float32 (zeros where nothing is kept), lse: [B, Hq, T] float32 (-inf where nothing is kept).
     """
+    check_scale(scale)
     b, hq, t, d = q.shape
     hk, n, _ = keys.shape
     g = hq // hk

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_scale
+
 __all__ = ["sparse_attention", "sparse_attention_positions"]
 
 _LOG2E = 1.4426950408889634
@@ -256,10 +258,7 @@ def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.devic
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
-def _check_scale(scale) -> None:
-    """The kernel keeps its running max in raw q.k units, which needs a positive scale."""
-    if not scale > 0:
-        raise ValueError(f"scale must be a positive softmax scale (e.g. head_dim ** -0.5); got {scale!r}")
+_check_scale = check_scale  # the kernel keeps its running max in raw q.k units, which needs a positive scale
 
 
 def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):

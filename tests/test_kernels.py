@@ -192,6 +192,8 @@ def test_sparse_attention_rejects_non_positive_scale(scale):
     s = torch.zeros(1, 1, 1, dtype=torch.int64, device=DEV)
     with pytest.raises(ValueError, match="positive softmax scale"):
         sparse_attention(q, keys, keys, s, s + 5, s[..., 0] + 1, scale)
+    with pytest.raises(ValueError, match="positive softmax scale"):  # the reference holds the same contract
+        ref.sparse_attention_ref(q, keys, keys, s, s + 5, s[..., 0] + 1, scale)
 
 
 def test_sparse_attention_strided_kv():
