@@ -342,6 +342,18 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
         rows.append({"phase": "check_keep_all", "shape": shape, "context": n, "keep": 1.0,
                      "same_tokens": ref_d[0] == tri_d[0], "max_logit_diff": diff_d,
                      "max_logit": float(ref_d[1].abs().max()), "device": dev_name})
+        # And between two exact dense implementations of Hugging Face itself (sdpa, as timed, vs eager
+        # attention) over the same cache: the bf16 tolerance of this model.
+        model.set_attn_implementation("eager")
+        dense.crop(n)
+        eager_toks, eager_first, _, _ = generate(local, dense, n, question, 8, False)
+        model.set_attn_implementation("sqattn")
+        diff_hf = float((eager_first - res["dense"]["first"]).abs().max())
+        same_hf = eager_toks == res["dense"]["tokens"][:9]
+        log(f"  HF sdpa vs HF eager attention (dense, exact both): same 9 greedy tokens: {same_hf}; first-step max "
+            f"|dlogit| {diff_hf:.4f}")
+        rows.append({"phase": "check_hf_dense", "shape": shape, "context": n, "keep": 1.0, "same_tokens": same_hf,
+                     "max_logit_diff": diff_hf, "max_logit": float(eager_first.abs().max()), "device": dev_name})
         del dense, corpus, ref_cache, tri_cache
         torch.cuda.empty_cache()
 
