@@ -72,10 +72,12 @@ def compile_common(model) -> None:
 
 
 def sync_time(fn):
-    torch.cuda.synchronize()
+    """(fn(), seconds), with the GPU synchronised around it (when there is one)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - t
 
 
