@@ -120,7 +120,11 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
             tl.store(x_base + NC + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int32) + _sum(ln, axis=0) + sink_len)
 
 
-MAX_CLUSTERS = 16384  # clusters per head held in registers; more fall back to the reference's sort
+# clusters per head held in registers; more fall back to the reference's sort. 32768 covers a 512K context
+# (32K fine clusters): on an H100 the in-register search took the flat budget lookup from 0.323 to 0.168 ms
+# (Llama-3-8B) and from 0.499 to 0.249 ms (Llama-2-7B) with the same decisions as the sort
+# (benchmarks/gpu_budget_large.py, docs/bench/session9/budget_large.txt).
+MAX_CLUSTERS = 32768
 WARPS = None  # warps per program (None: the rule below); a launch setting for sweeps
 # the rule: BLOCK / per_warp warps, clamped to [min_warps, 16]. Fewer warps make each round's reductions
 # cheaper (no cross-warp step with one warp) but give each thread more clusters; small levels (a coarse level

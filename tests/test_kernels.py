@@ -704,6 +704,7 @@ def test_budget_mask_multiway_search_matches_ref(monkeypatch, kway):
     pytest.param(1, False, 300, id="Q1"),
     pytest.param(4, True, 300, id="Q4-fixed"),
     pytest.param(3, False, 37, id="Q3-ragged-C37"),
+    pytest.param(4, True, 32000, id="Q4-fixed-C32000-512K", marks=[pytest.mark.gpu, gpu]),
 ])
 def test_budget_from_logits_matches_probabilities_then_budget(monkeypatch, nq, with_fixed, c):
     """The decode lookup's fused path: probabilities from the stored logits and partial normalisers in the
