@@ -123,7 +123,8 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
 # clusters per head held in registers; more fall back to the reference's sort. 32768 covers a 512K context
 # (32K fine clusters): on an H100 the in-register search took the flat budget lookup from 0.323 to 0.168 ms
 # (Llama-3-8B) and from 0.499 to 0.249 ms (Llama-2-7B) with the same decisions as the sort
-# (benchmarks/gpu_budget_large.py, docs/bench/session9/budget_large.txt).
+# (benchmarks/gpu_budget_large.py, docs/bench/session9/budget_large.txt). At 65536 (1M tokens) the search
+# spills and is slower than the sort (0.736 against 0.491 ms, budget_1m.txt).
 MAX_CLUSTERS = 32768
 WARPS = None  # warps per program (None: the rule below); a launch setting for sweeps
 # the rule: BLOCK / per_warp warps, clamped to [min_warps, 16]. Fewer warps make each round's reductions
