@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_scale
+from .reference import check_scale as _check_scale  # positive scale: the running max is kept in raw q.k units
 
 __all__ = ["sparse_attention", "sparse_attention_positions"]
 
@@ -258,7 +258,6 @@ def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.devic
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
-_check_scale = check_scale  # the kernel keeps its running max in raw q.k units, which needs a positive scale
 
 
 def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):
