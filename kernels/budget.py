@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lookup_kernels import _logaddexp, _reduce_parts
+from .lookup_kernels import _head_logz
 from .sparse_attention import _cumsum, _max, _sum
 
 __all__ = ["budget_mask", "budget_mask_from_logits"]
@@ -35,10 +35,7 @@ def _probs_from_logits(LOGITS, PART, FIXED, s_gq, s_pk, NQ, NB, c, ok, HAS_FIXED
     log-normalisers [NB, NQ] (plus FIXED [NQ], the always-attended keys): mean_q exp(logit - log Z_q), as
     ``_prob_kernel`` computes them (pointers at the head's rows)."""
     offs_q = tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < NQ
-    logz = _reduce_parts(PART, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-    if HAS_FIXED:
-        logz = _logaddexp(logz, tl.load(FIXED + offs_q, mask=q_ok, other=float("-inf")))
+    logz = _head_logz(PART, s_pk, NB, FIXED, offs_q, offs_q < NQ, HAS_FIXED, BLOCK_P, BLOCK_Q)
     p = tl.full([BLOCK], 0.0, tl.float32)
     for qi in range(NQ):
         lz = _sum(tl.where(offs_q == qi, logz, 0.0), axis=0)

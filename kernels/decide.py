@@ -19,22 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .lookup_kernels import _logaddexp, _reduce_parts
+from .lookup_kernels import _head_logz
 from .positions import segment_block
 from .sparse_attention import _sum
 
 __all__ = ["decide_from_logits"]
-
-
-@triton.jit
-def _head_logz(PART_ROW, s_pk, NB, FIXED_ROW, offs_q, q_ok, HAS_FIXED: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_Q: tl.constexpr):
-    """log Z of each query of one (b, h): logsumexp of its NB partial rows, plus the always-attended keys'
-    exact log-normaliser with HAS_FIXED; 0 in padding rows."""
-    logz = _reduce_parts(PART_ROW, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
-    if HAS_FIXED:  # exact log-normaliser of the always-attended keys, given apart
-        logz = _logaddexp(logz, tl.load(FIXED_ROW + offs_q, mask=q_ok, other=float("-inf")))
-    return tl.where(q_ok, logz, 0.0)
 
 
 @triton.jit

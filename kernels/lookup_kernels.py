@@ -127,6 +127,17 @@ def _reduce_parts(PART, s_pk, nb, offs_q, q_ok, BLOCK_P: tl.constexpr, BLOCK_Q: 
 
 
 @triton.jit
+def _head_logz(PART_ROW, s_pk, NB, FIXED_ROW, offs_q, q_ok, HAS_FIXED: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_Q: tl.constexpr):
+    """log Z of each query of one (b, h): logsumexp of its NB partial rows, plus the always-attended keys'
+    exact log-normaliser with HAS_FIXED; 0 in padding rows."""
+    logz = _reduce_parts(PART_ROW, s_pk, NB, offs_q, q_ok, BLOCK_P, BLOCK_Q)
+    if HAS_FIXED:  # exact log-normaliser of the always-attended keys, given apart
+        logz = _logaddexp(logz, tl.load(FIXED_ROW + offs_q, mask=q_ok, other=float("-inf")))
+    return tl.where(q_ok, logz, 0.0)
+
+
+@triton.jit
 def _online(m, s, t):
     """One online log-sum-exp step: running (max m, sum s) [BLOCK_Q] of a query tile updated with the terms
     t [BLOCK_Q, BLOCK_C] (-inf for none)."""
