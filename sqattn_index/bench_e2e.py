@@ -100,11 +100,22 @@ def build_corpus(local: LocalModel, n: int, chunk: int):
                                                      "calibration": t_calib}
 
 
-def _first_and_tokens(local, corpus, n, question, ops, steps: int = 8):
-    """((greedy tokens, first-step logits), cache) of a keep-1.0 generation through ``ops``."""
-    cache = SqueezedCache(corpus, _spec(1.0), ops)
+def _first_and_tokens(local, corpus, n, question, ops, keep: float, steps: int = 8):
+    """((greedy tokens, first-step logits), cache) of a squeezed generation at ``keep`` through ``ops``."""
+    cache = SqueezedCache(corpus, _spec(keep), ops)
     toks, first, _, _ = generate(local, cache, n, question, steps, True)
     return (toks, first), cache
+
+
+def _check_row(phase, label, a, b, shape, n, keep, dev_name, log) -> dict:
+    """Compare two generations (tokens, first-step logits): log it and return the result row."""
+    same = a[0] == b[0]
+    diff = float((a[1] - b[1]).abs().max())
+    scale = float(a[1].abs().max())
+    log(f"  {label}: same {len(a[0])} greedy tokens: {same}; first-step max |dlogit| {diff:.4f} "
+        f"(max |logit| {scale:.2f})")
+    return {"phase": phase, "shape": shape, "context": n, "keep": keep, "same_tokens": same, "max_logit_diff": diff,
+            "max_logit": scale, "device": dev_name}
 
 
 @torch.inference_mode()
@@ -323,40 +334,24 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
                          "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
                          "selection": SELECTION, "hierarchical": HIERARCHICAL, "compiled_common": COMPILE,
                          "achieved_gbps": None, "copy_gbps": None, "device": dev_name})
-        # Same inputs through the torch reference path: tokens and first-step logits.
-        ref_cache = SqueezedCache(corpus, _spec(keep), get_ops("torch"))
-        ref_toks, ref_first, _, _ = generate(local, ref_cache, n, question, 8, True)
-        tri_cache = SqueezedCache(corpus, _spec(keep), get_ops("triton"))
-        tri_toks, tri_first, _, _ = generate(local, tri_cache, n, question, 8, True)
-        diff = float((ref_first - tri_first).abs().max())
-        scale = float(ref_first.abs().max())
-        log(f"  triton vs torch reference: same 9 greedy tokens: {ref_toks == tri_toks}; first-step max |dlogit| "
-            f"{diff:.4f} (max |logit| {scale:.2f})")
-        rows.append({"phase": "check", "shape": shape, "context": n, "keep": keep, "same_tokens": ref_toks == tri_toks,
-                     "max_logit_diff": diff, "max_logit": scale, "device": dev_name})
-        # The floor of that comparison: the same two paths with nothing dropped (keep 1.0: every fixed key
-        # through the Triton kernels vs through the torch reference), so only the kernels' rounding differs.
-        ref_d, _ = _first_and_tokens(local, corpus, n, question, get_ops("torch"))
-        tri_d, _ = _first_and_tokens(local, corpus, n, question, get_ops("triton"))
-        diff_d = float((ref_d[1] - tri_d[1]).abs().max())
-        log(f"  same check with nothing dropped (keep 1.0): same 9 greedy tokens: {ref_d[0] == tri_d[0]}; first-step "
-            f"max |dlogit| {diff_d:.4f}")
-        rows.append({"phase": "check_keep_all", "shape": shape, "context": n, "keep": 1.0,
-                     "same_tokens": ref_d[0] == tri_d[0], "max_logit_diff": diff_d,
-                     "max_logit": float(ref_d[1].abs().max()), "device": dev_name})
-        # And between two exact dense implementations of Hugging Face itself (sdpa, as timed, vs eager
-        # attention) over the same cache: the bf16 tolerance of this model.
+        # Same inputs through the torch reference path: tokens and first-step logits; then the floor of that
+        # comparison, the same two paths with nothing dropped (keep 1.0: every fixed key through the Triton
+        # kernels vs through the torch reference, so only the kernels' rounding differs); then two exact
+        # dense implementations of Hugging Face itself (sdpa, as timed, vs eager attention) over the same
+        # cache: the bf16 tolerance of this model.
+        for phase, label, k in (("check", "triton vs torch reference", keep),
+                                ("check_keep_all", "same check with nothing dropped (keep 1.0)", 1.0)):
+            ref, _ = _first_and_tokens(local, corpus, n, question, get_ops("torch"), k)
+            tri, _ = _first_and_tokens(local, corpus, n, question, get_ops("triton"), k)
+            rows.append(_check_row(phase, label, ref, tri, shape, n, k, dev_name, log))
         model.set_attn_implementation("eager")
         dense.crop(n)
         eager_toks, eager_first, _, _ = generate(local, dense, n, question, 8, False)
         model.set_attn_implementation("sqattn")
-        diff_hf = float((eager_first - res["dense"]["first"]).abs().max())
-        same_hf = eager_toks == res["dense"]["tokens"][:9]
-        log(f"  HF sdpa vs HF eager attention (dense, exact both): same 9 greedy tokens: {same_hf}; first-step max "
-            f"|dlogit| {diff_hf:.4f}")
-        rows.append({"phase": "check_hf_dense", "shape": shape, "context": n, "keep": 1.0, "same_tokens": same_hf,
-                     "max_logit_diff": diff_hf, "max_logit": float(eager_first.abs().max()), "device": dev_name})
-        del dense, corpus, ref_cache, tri_cache
+        rows.append(_check_row("check_hf_dense", "HF eager vs HF sdpa attention (dense, exact both)",
+                               (eager_toks, eager_first), (res["dense"]["tokens"][:9], res["dense"]["first"]),
+                               shape, n, 1.0, dev_name, log))
+        del dense, corpus
         torch.cuda.empty_cache()
 
 

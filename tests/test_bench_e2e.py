@@ -39,9 +39,14 @@ def test_generate_keeps_no_autograd_state_and_keep_all_matches_dense():
     assert len(toks) == 4 and len(times) == 3 and ttft > 0
     assert not first.requires_grad  # generate runs under inference mode: decoding keeps no autograd graph
     local.model.set_attn_implementation("sqattn")
-    (ref_toks, ref_first), cache = be._first_and_tokens(local, corpus, n, question, get_ops("torch"), steps=3)
+    (ref_toks, ref_first), cache = be._first_and_tokens(local, corpus, n, question, get_ops("torch"), 1.0, steps=3)
     assert cache.kv_budget == 1.0  # keep 1.0: every fixed key read
     # nothing dropped: the squeezed cache's reference path is dense attention over the same fixed KV
     # (in clustered order, so equal up to float summation order)
     assert float((ref_first - first).abs().max()) < 1e-4 * max(float(first.abs().max()), 1.0)
     assert ref_toks == toks
+    logged = []
+    row = be._check_row("check_keep_all", "keep 1.0 vs dense", (ref_toks, ref_first), (toks, first), "tiny", n, 1.0,
+                        "cpu", logged.append)
+    assert row["phase"] == "check_keep_all" and row["same_tokens"] and row["keep"] == 1.0
+    assert row["max_logit_diff"] == float((ref_first - first).abs().max()) and "same 4 greedy tokens: True" in logged[0]
