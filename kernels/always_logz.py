@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .sparse_attention import _max, _sum
 
 __all__ = ["always_logz"]
@@ -24,7 +25,9 @@ def _always_logz_kernel(
     Q, K, OUT, s_qb, s_qh, s_qm, s_kh, s_kn, s_ob, s_oh,
     HK, NQ, N, SINK, WINDOW, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
+    chain_enter(PDL)
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -77,6 +80,6 @@ def always_logz(q: torch.Tensor, keys: torch.Tensor, sink_tokens: int, window_to
         q, keys, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1),
         out.stride(0), out.stride(1), hk, nq, n, sink, window, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=4, **chain_launch(q.device, "always"),
     )
     return out

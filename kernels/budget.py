@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .lookup_kernels import _head_logz
 from .sparse_attention import _cumsum, _max, _sum
 
@@ -51,12 +52,13 @@ def _budget_kernel(P, SIZES, ALLOWED, TARGET, KEEP, SEGLEN, EXCL, LOGITS, PART, 
                    HK, NC, NQ, NB, sink_len, window_len, slack, ITERS: tl.constexpr, KWAY: tl.constexpr,
                    BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr, WRITE_SEGLEN: tl.constexpr,
                    WRITE_EXCL: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_FIXED: tl.constexpr,
-                   BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
+                   BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr = 0):
     """One program per (question, KV head); all NC <= BLOCK clusters live in registers for the search.
     Without HAS_ALLOWED every cluster is allowed. With FROM_LOGITS the probabilities are computed here from the
     lookup's logits and partial normalisers and written to P. With WRITE_SEGLEN it also writes the kept
     segment lengths SEGLEN[b, h, :] = (sink_len, kept size of each cluster, window_len) for ``kept_positions``,
     and with WRITE_EXCL their exclusive prefix sums EXCL[b, h, :] (the kept keys before each segment)."""
+    chain_enter(PDL)
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
@@ -185,6 +187,7 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
         BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or _warps(block),
+        **chain_launch(probs.device, "budget"),
     )
     return keep.view(torch.bool)
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .lookup_kernels import _head_logz
 from .positions import segment_block
 from .sparse_attention import _sum
@@ -50,10 +51,12 @@ def _decide_logits_kernel(
     HK, NQ, NC, NB, SINK, WINDOW,
     HAS_FIXED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program (j, b*h) owns segments g in [j * BLOCK_S, (j + 1) * BLOCK_S): g = 0 the sinks, g = NC + 1 the
     window, else fine cluster g - 1. Writes PROBS/KEEP of its clusters and, with HAS_SEGLEN, SEGLEN[g] and
     BLOCKSUM[j] = the kept keys of its segments."""
+    chain_enter(PDL)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -139,6 +142,6 @@ def decide_from_logits(
         seg.stride(1), bsum.stride(0), bsum.stride(1), hk, nq, c, parts.shape[2], sink, window,
         HAS_FIXED=fixed_logz is not None, HAS_SEGLEN=seglen is not None,
         BLOCK_Q=max(2, triton.next_power_of_2(nq)), BLOCK_P=min(triton.next_power_of_2(max(parts.shape[2], 1)), 64),
-        BLOCK_S=block, num_warps=4,
+        BLOCK_S=block, num_warps=4, **chain_launch(logits.device, "decide"),
     )
     return probs, keep.view(torch.bool)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .sparse_attention import _attend, _epilogue_row
 
 __all__ = ["sparse_attention_with_new_tokens", "merge_with_new_tokens"]
@@ -41,8 +42,10 @@ def _merge_new_tokens_kernel(
     s_ob, s_oh, s_ot, s_lb, s_lh, s_lt,
     HK, G, T, NSPLIT, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program (row, b*h): row = g * T + t of KV head h's query group (``group_queries_ref`` order)."""
+    chain_enter(PDL)
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -115,7 +118,7 @@ def merge_with_new_tokens(
         hk, hq // hk, t, splits, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=min(triton.next_power_of_2(splits), 64),
         BLOCK_N=MERGE_TUNING["block_n"] if d > 64 else 2 * MERGE_TUNING["block_n"],
-        num_warps=MERGE_TUNING["num_warps"],
+        num_warps=MERGE_TUNING["num_warps"], **chain_launch(q.device, "merge_new_tokens"),
     )
     return out, lse
 

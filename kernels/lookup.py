@@ -27,6 +27,7 @@ import torch
 import triton
 
 from .budget import budget_mask, budget_mask_from_logits
+from .chain import chain_launch
 from .decide import decide_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
 from .lookup_many import many_query_lookup, write_seglen
@@ -145,7 +146,7 @@ class _Level:
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
             spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
-            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common,
+            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device, "lse"),
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 
@@ -194,7 +195,7 @@ class _Level:
             HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
             HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
             WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
-            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common,
+            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common, **chain_launch(q.device, "prob"),
         )
         probs = probs_out if finish else psum.sum(dim=2) / self.nq
         if thr is not None and not decide:  # many queries: decide here

@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .chain import chain_enter
 from .sparse_attention import _max, _sum
 
 
@@ -218,7 +219,9 @@ def _lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
+    PDL: tl.constexpr = False,
 ):
+    chain_enter(PDL)
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -285,10 +288,12 @@ def _prob_kernel(
     NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     HAS_FIXED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Sums over each query tile of exp(logit - log Z_q) into its own row PSUM[b, h, pid_q * NT + tile, c]
     (written once, never read back by another thread before a barrier); with FINISH (one query chunk), the
     rows are summed into PROBS[b, h, c] / NQ and the decisions taken from those values."""
+    chain_enter(PDL)
     pid_c = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_bh = tl.program_id(2)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .budget import budget_mask
+from .chain import chain_enter, chain_launch
 from .lookup_kernels import _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _qnorm2, _scores
 from .sparse_attention import _cumsum, _interpret, _max, _sum
 
@@ -98,9 +99,11 @@ def _normaliser_kernel(
     HAS_FIXED: tl.constexpr, HAS_SPREAD: tl.constexpr, HAS_CSPREAD: tl.constexpr,
     NATIVE: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """LOGZ[b, h, s, q] = log(exp(FIXED) + always + sum over dropped coarse and listed centroids of
     n_c exp(l_qc)), the centroids split in NSPLIT equal chunks (split s = 0 also takes the first three terms)."""
+    chain_enter(PDL)
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -164,10 +167,12 @@ def _probs_kernel(
     HK, NQ, NC, NZ, Q_PER_SPLIT, scale, half_s2, inv_nq,
     GATHER: tl.constexpr, HAS_SPREAD: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """OUT[b, h, split, c] = sum over the split's queries of exp(l_qc - log Z_q) / NQ for the program's
     centroids c (listed in IDX with GATHER; untouched entries keep their value); log Z_q is the logsumexp of
     the NZ partial rows LOGZ[b, h, :, q]."""
+    chain_enter(PDL)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -212,8 +217,9 @@ def _probs_kernel(
 
 @triton.jit
 def _coarse_excl_kernel(KEEPC, COFF, EXCL, COUNT, s_kb, s_kh, s_oh, s_eb, s_eh, s_nb, s_nh, HK, NCC,
-                        BLOCK_G: tl.constexpr):
+                        BLOCK_G: tl.constexpr, PDL: tl.constexpr = 0):
     """EXCL[b, h, g]: fine clusters under kept coarse clusters before g; COUNT[b, h]: all of them."""
+    chain_enter(PDL)
     pid_bh = tl.program_id(0)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
@@ -233,9 +239,11 @@ def _coarse_excl_kernel(KEEPC, COFF, EXCL, COUNT, s_kb, s_kh, s_oh, s_eb, s_eh, 
 
 @triton.jit
 def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh, s_eb, s_eh, s_ib, s_ih,
-                       s_ab, s_ah, s_pb, s_ph, HK, NC, NCC, SEARCH_STEPS: tl.constexpr, BLOCK_F: tl.constexpr):
+                       s_ab, s_ah, s_pb, s_ph, HK, NC, NCC, SEARCH_STEPS: tl.constexpr, BLOCK_F: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     """Each fine cluster finds its coarse parent (binary search in COFF), writes ALLOWED and, under a kept
     parent, its own index at its place in IDX; PROBS is zeroed outside kept parents."""
+    chain_enter(PDL)
     pid_f = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -262,9 +270,11 @@ def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh,
 
 @triton.jit
 def _decide_kernel(P, THR, ALLOWED, SIZES, KEEP, SEGLEN, s_pb, s_ph, s_ab, s_ah, s_sh, s_kb, s_kh, s_eb, s_eh,
-                   HK, NC, SINK, WINDOW, HAS_ALLOWED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK: tl.constexpr):
+                   HK, NC, SINK, WINDOW, HAS_ALLOWED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = 0):
     """Threshold decisions in one launch: KEEP[b, h, c] = P[b, h, c] >= THR[h] (and ALLOWED) as uint8 and, with
     HAS_SEGLEN, the kept segment lengths SEGLEN[b, h, :] = (SINK, kept size of each cluster, WINDOW)."""
+    chain_enter(PDL)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -351,7 +361,7 @@ class _Many:
             GATHER=idx is not None, DROPPED=dropped is not None, ALWAYS=always is not None,
             HAS_FIXED=fixed is not None, HAS_SPREAD=table.spread is not None, HAS_CSPREAD=ctab.spread is not None,
             NATIVE=self._native(table), PRECISION=self.precision, HEAD_DIM=self.d,
-            BLOCK_D=triton.next_power_of_2(self.d), **cfg,
+            BLOCK_D=triton.next_power_of_2(self.d), **cfg, **chain_launch(q.device, "normaliser"),
         )
         return logz, (logz_always if always is not None else None)
 
@@ -383,6 +393,7 @@ class _Many:
             self.hk, self.nq, table.nc, logz.shape[2], q_per, self.scale, 0.5 * self.scale * self.scale, 1.0 / self.nq,
             GATHER=idx is not None, HAS_SPREAD=table.spread is not None, NATIVE=self._native(table),
             PRECISION=self.precision, HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), **cfg,
+            **chain_launch(q.device, "probs_many"),
         )
         if splits == 1:
             return res
@@ -411,6 +422,7 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
         keep_c, coarse_offsets, excl, count, keep_c.stride(0), keep_c.stride(1), coarse_offsets.stride(0),
         excl.stride(0), excl.stride(1), count.stride(0), count.stride(1), hk, ncc,
         BLOCK_G=min(1024, triton.next_power_of_2(max(ncc, 2))), num_warps=4,
+        **chain_launch(keep_c.device, "coarse_excl"),
     )
     block_f = 256 if not _interpret() else 64
     _fine_index_kernel[(triton.cdiv(max(num_fine, 1), block_f), b * hk)](
@@ -418,6 +430,7 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
         coarse_offsets.stride(0), excl.stride(0), excl.stride(1), idx.stride(0), idx.stride(1), allowed.stride(0),
         allowed.stride(1), pr.stride(0), pr.stride(1), hk, num_fine, ncc,
         SEARCH_STEPS=max(1, int(ncc).bit_length()), BLOCK_F=block_f, num_warps=4,
+        **chain_launch(keep_c.device, "fine_index"),
     )
     return idx, count, allowed
 
@@ -452,6 +465,7 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
         probs, thr, alw, sz, keep, seg, probs.stride(0), probs.stride(1), alw.stride(0), alw.stride(1),
         sz.stride(0), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
         HAS_ALLOWED=allowed is not None, HAS_SEGLEN=seglen is not None, BLOCK=block, num_warps=4,
+        **chain_launch(probs.device, "decide_many"),
     )
     return keep.view(torch.bool)
 

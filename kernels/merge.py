@@ -6,13 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 
 __all__ = ["lse_merge"]
 
 
 @triton.jit
 def _lse_merge_kernel(OA, LA, OB, LB, OUT, LSE, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                      BLOCK_R: tl.constexpr, PDL: tl.constexpr = 0):
+    chain_enter(PDL)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = rows < n_rows
@@ -54,5 +56,6 @@ def lse_merge(
     block_r = 16
     _lse_merge_kernel[(triton.cdiv(max(n_rows, 1), block_r),)](
         oa, la, ob, lb, out, lse, n_rows, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, num_warps=4,
+        **chain_launch(oa.device, "lse_merge"),
     )
     return out, lse

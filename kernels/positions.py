@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .sparse_attention import _cumsum, _interpret, _max, _sum
 
 __all__ = ["segment_lows", "kept_positions", "expand_positions", "segment_block"]
@@ -53,8 +54,10 @@ def _expand_kernel(
     s_cb, s_ch, s_lb, s_lh, s_pb, s_ph,
     HK, R,
     LOG_R: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """pos[b, h, i] = lo[r] + i - cum[r - 1] for kept key i of range r (cum = inclusive cumsum of lengths)."""
+    chain_enter(PDL)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -78,6 +81,7 @@ def _positions_kernel(
     HK, R, NA, NCC, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
     HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BLOCKSUM: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
     with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
@@ -87,6 +91,7 @@ def _positions_kernel(
     With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC
     without HAS_READ) * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and
     order-free)."""
+    chain_enter(PDL)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -163,7 +168,7 @@ def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> to
     _expand_kernel[grid](
         cum, lows, pos,
         cum.stride(0), cum.stride(1), s_lb, lows.stride(1), pos.stride(0), pos.stride(1),
-        hk, r, LOG_R=max(r.bit_length(), 1) + 1, BLOCK=block, num_warps=4,
+        hk, r, LOG_R=max(r.bit_length(), 1) + 1, BLOCK=block, num_warps=4, **chain_launch(cum.device, "expand"),
     )
     return pos
 
@@ -228,5 +233,6 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         HAS_BLOCKSUM=blocksum is not None and excl is None, BLOCK_S=block_s,
         BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16 if _interpret() else TUNING["block_k"],
         BLOCK_NB=max(2, triton.next_power_of_2(nblk)), num_warps=4 if _interpret() else TUNING["num_warps"],
+        **chain_launch(seglen.device, "positions"),
     )
     return pos, total, (read if allowed is not None else None)

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chain import chain_enter, chain_launch
 from .reference import check_scale as _check_scale  # positive scale: the running max is kept in raw q.k units
 
 __all__ = ["sparse_attention", "sparse_attention_positions"]
@@ -99,8 +100,10 @@ def _sparse_attn_kernel(
     HK, NQ, NSPLIT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse)."""
+    chain_enter(PDL)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -213,8 +216,10 @@ def _split_reduce_kernel(
     s_ob, s_oh, s_om, s_lb, s_lh,
     HK, NSPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Merge the NSPLIT partial (out, lse) of one query row by log-sum-exp."""
+    chain_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -299,7 +304,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device, "sparse"),
     )
     if not reduce:
         return part_o, part_l
@@ -319,7 +324,7 @@ def reduce_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
         hk, splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_S=min(triton.next_power_of_2(splits), 128), num_warps=4,
+        BLOCK_S=min(triton.next_power_of_2(splits), 128), num_warps=4, **chain_launch(part_o.device, "split_reduce"),
     )
 
 

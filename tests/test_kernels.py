@@ -664,6 +664,73 @@ def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt, terms):
     assert torch.equal(read, rread)
 
 
+def test_chain_launch_arguments(monkeypatch):
+    """PDL launch arguments only for a CUDA device of compute capability 9.0 or newer, and only when on."""
+    from sqattn_index.kernels import chain
+
+    assert chain.chain_launch(torch.device("cpu"), "sparse") == {}
+    monkeypatch.setitem(chain.SETTINGS, "pdl", False)
+    assert chain.chain_launch(torch.device(DEV), "sparse") == {}
+    monkeypatch.setitem(chain.SETTINGS, "pdl", True)
+    monkeypatch.setitem(chain.SETTINGS, "late", {"positions"})
+    hopper = CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.get_device_capability()[0] >= 9
+    assert chain.chain_launch(torch.device(DEV), "sparse") == ({"PDL": 1, "launch_pdl": True} if hopper else {})
+    assert chain.chain_launch(torch.device(DEV), "positions") == ({"PDL": 2, "launch_pdl": True} if hopper else {})
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("nq,hier,mode", [
+    pytest.param(4, False, "threshold", id="decode-flat-threshold"),
+    pytest.param(4, False, "budget", id="decode-flat-budget"),
+    pytest.param(4, True, "threshold", id="decode-hier-threshold"),
+    pytest.param(512, True, "threshold", id="prefill-hier-threshold"),
+    pytest.param(512, True, "budget", id="prefill-hier-budget"),
+])
+def test_gpu_chain_in_graph_with_pdl_matches_plain_launches(monkeypatch, nq, hier, mode):
+    """A whole squeezed step (lookup -> positions -> sparse attention -> split merge) captured in a CUDA graph
+    with programmatic dependent launch gives bitwise the results of plain launches, replay after replay."""
+    from sqattn_index.kernels import chain
+
+    b, hk, d, n = 1, 8, 128, 32768
+    (q, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, nq, d, n, n // 256, "bf16",
+                                                                               seed=nq + hier,
+                                                                               cent_dtype=torch.bfloat16)
+    keys = keys.to(torch.bfloat16)
+    values = torch.randn_like(keys)
+    scale = d ** -0.5
+    if mode == "threshold":
+        sel, _, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, hier, coarse_frac=0.7, fine_frac=0.9,
+                                        min_gap=1e-4)
+    else:
+        total = fs.sum(1).float().expand(b, hk)
+        sel = (None, None, 0.1 * total, 0.3 * total)
+    kw = dict(fine_offsets=fo, num_tokens=n, sink_tokens=sink, window_tokens=window)
+    g = 4 if nq == 4 else 8  # prefill: 8 query heads x 64 tokens per KV head
+    qh = q.view(b, hk, g, nq // g, d).reshape(b, hk * g, nq // g, d)
+
+    def step():
+        _, _, pos, total = centroid_lookup_positions(q, fc, fs, ccent, cs, co, *sel, scale, hier, **kw)
+        return (total,) + sparse_attention_positions(qh, keys, values, pos, total, scale)
+
+    monkeypatch.setitem(chain.SETTINGS, "pdl", False)
+    want = step()
+    monkeypatch.setitem(chain.SETTINGS, "pdl", True)
+    assert chain.chain_launch(q.device, "sparse"), "an H100/H200 should take PDL launches"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+
 def test_budget_positions_fallback_past_max_clusters(monkeypatch):
     """Heads with more clusters than the registers hold take the reference's sort; the positions, totals
     and centroid counts they return are the in-register path's."""

@@ -1,0 +1,56 @@
+"""Programmatic dependent launch (PDL) for the chains of small kernels a squeezed step launches.
+
+A decode step is a chain of short launches (normaliser -> decisions -> positions -> sparse attention ->
+merge), each waiting for the one before. With PDL (Hopper and later) a kernel launched with
+``launch_pdl=True`` may start once every program of the kernel before it has signalled
+(``gdc_launch_dependents``), so its programs are resident and waiting when that kernel ends, instead of
+being launched and dispatched after it. Correctness rests on one rule, kept by ``chain_enter``: every kernel
+of the chain signals and then waits (``gdc_wait``: the kernel before it has finished and its writes are
+visible) before its first load or store. Only the launch and the index arithmetic before that overlap, and
+since each kernel waits for the one before it, each also finishes after every earlier kernel: reading the
+output of any earlier launch is safe.
+
+``chain_launch(device, name)`` gives the launch arguments of the kernel ``name``: ``launch_pdl=True`` and
+``PDL=1`` (signal at the start, then wait) or ``PDL=2`` (only wait: the kernel signals implicitly when it
+ends, so the next one launches then; for names in ``SETTINGS["late"]``) on a CUDA device of compute
+capability 9.0 or newer when ``SETTINGS["pdl"]`` is on (environment: ``SQATTN_PDL=0`` turns it off,
+``SQATTN_PDL_LATE=positions,sparse`` fills ``late``); else
+nothing (``PDL`` defaults to 0: no PDL instructions are compiled, as under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["SETTINGS", "chain_enter", "chain_launch"]
+
+SETTINGS = {"pdl": os.environ.get("SQATTN_PDL", "1") != "0",
+            "late": {n for n in os.environ.get("SQATTN_PDL_LATE", "").split(",") if n}}
+
+
+def _supported(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def chain_launch(device: torch.device, name: str) -> dict:
+    """Extra launch arguments for the chain kernel ``name`` on ``device`` (empty where PDL is off or
+    unsupported)."""
+    if SETTINGS["pdl"] and _supported(device):
+        return {"PDL": 2 if name in SETTINGS["late"] else 1, "launch_pdl": True}
+    return {}
+
+
+@triton.jit
+def chain_enter(PDL: tl.constexpr):
+    """First statement of a chain kernel: with PDL 1 let the next kernel launch now; with PDL 1 or 2 wait for
+    the kernel before to finish."""
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL != 0:
+        tl.extra.cuda.gdc_wait()
