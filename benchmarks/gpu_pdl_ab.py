@@ -6,7 +6,8 @@ hierarchical one, as the benchmark table does.
 
 Policies (``--policies``): ``off``; ``early`` (every kernel lets the next one launch at its start);
 ``late:NAME+NAME`` (those kernels, ``chain.chain_launch`` names, let it launch only when they end; ``all``:
-every kernel).
+every kernel). Each may end in ``/fused`` (the one-launch flat threshold decode lookup,
+``kernels/lookup_fused.py``; without it the three-launch path runs).
 
     python benchmarks/gpu_pdl_ab.py [--shapes llama3-8b,llama2-7b] [--contexts 32768,131072] [--rounds 3]
         [--phases decode,prefill] [--policies off,early,late:positions,late:all]
@@ -24,7 +25,7 @@ def main() -> None:
     from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
 
     from sqattn_index.bench import Timer, best_dense
-    from sqattn_index.kernels import chain
+    from sqattn_index.kernels import chain, lookup_fused
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
@@ -43,9 +44,11 @@ def main() -> None:
     policies = a.policies.split(",")
     every = {"always", "budget", "decide", "merge_new_tokens", "lse", "prob", "normaliser", "probs_many",
              "coarse_excl", "fine_index", "decide_many", "lse_merge", "expand", "positions", "sparse",
-             "split_reduce"}
+             "split_reduce", "fused_lookup"}
 
     def set_policy(p: str) -> None:
+        p, fused = (p[: -len("/fused")], True) if p.endswith("/fused") else (p, False)
+        lookup_fused.TUNING["enabled"] = fused
         chain.SETTINGS["pdl"] = p != "off"
         late = p.split(":", 1)[1].split("+") if p.startswith("late:") else []
         chain.SETTINGS["late"] = every if late == ["all"] else set(late)
