@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--block-c", default="64")
+    ap.add_argument("--poll", default="0,1,2")
     a = ap.parse_args()
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps)
@@ -39,20 +40,22 @@ def main() -> None:
         lookup_fused.TUNING["enabled"] = False
         log(f"{shape} N={a.context}: three launches: lookup {timer(lookup):.4f} ms, step {timer(step):.4f} ms")
         res = []
-        for pp, st, w, bc in itertools.product(*(map(int, x.split(",")) for x in
-                                                 (a.programs, a.stages, a.warps, a.block_c))):
+        for pp, st, w, bc, poll in itertools.product(*(map(int, x.split(",")) for x in
+                                                       (a.programs, a.stages, a.warps, a.block_c, a.poll))):
             lookup_fused.TUNING.update(default, enabled=True, programs_per_sm=pp, num_stages=st, num_warps=w,
-                                       block_c=bc)
+                                       block_c=bc, poll=poll)
             try:
                 ms = (timer(lookup), timer(step))
             except Exception as exc:  # noqa: BLE001 - e.g. a grid too large for a cooperative launch
-                log(f"  programs/SM {pp} stages {st} warps {w} block_c {bc}: {type(exc).__name__}: {exc}"[:200])
+                log(f"  programs/SM {pp} stages {st} warps {w} block_c {bc} poll {poll}: {type(exc).__name__}: "
+                    f"{exc}"[:300])
                 continue
-            res.append((ms, (pp, st, w, bc)))
-            log(f"  programs/SM {pp} stages {st} warps {w} block_c {bc}: lookup {ms[0]:.4f} ms, step {ms[1]:.4f} ms")
+            res.append((ms, (pp, st, w, bc, poll)))
+            log(f"  programs/SM {pp} stages {st} warps {w} block_c {bc} poll {poll}: lookup {ms[0]:.4f} ms, "
+                f"step {ms[1]:.4f} ms")
         best = min(res)
         log(f"{shape} best fused: lookup {best[0][0]:.4f} ms, step {best[0][1]:.4f} ms with (programs/SM, stages, "
-            f"warps, block_c) {best[1]}")
+            f"warps, block_c, poll) {best[1]}")
         lookup_fused.TUNING.update(default)
         del fns
         torch.cuda.empty_cache()

@@ -42,18 +42,34 @@ __all__ = ["fused_decode_lookup", "fused_decode_supported"]
 # pipeline stages of the centroid loads, segments per decision/positions step, key columns per store step.
 # ``enabled``: use this path where it applies (environment SQATTN_FUSED_LOOKUP=0: the three-launch path).
 TUNING = {"programs_per_sm": 1, "block_c": 64, "num_warps": 4, "num_stages": 2, "block_s": 128, "block_k": 8,
-          "enabled": os.environ.get("SQATTN_FUSED_LOOKUP", "1") != "0"}
+          "poll": 0, "enabled": os.environ.get("SQATTN_FUSED_LOOKUP", "1") != "0"}
 
 
 @triton.jit
-def _head_barrier(CNT, target):
+def _nap(x):
+    """x, after the thread sleeps about 100 ns (``nanosleep``; spares the memory system while polling)."""
+    return tl.inline_asm_elementwise("nanosleep.u32 100; mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _head_barrier(CNT, target, POLL: tl.constexpr):
     """Wait until CNT (this head's arrival counter) reaches ``target``, after adding this program's arrival.
-    The block barrier before the release makes every thread's earlier stores part of it."""
+    The block barrier before the release makes every thread's earlier stores part of it. POLL 0: poll with
+    acquiring atomics; 1: with volatile loads, then one acquiring atomic; 2: as 1 with a short sleep per poll."""
     tl.debug_barrier()
     tl.atomic_add(CNT, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-    while seen < target:
+    if POLL == 0:
         seen = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    else:
+        seen = tl.load(CNT, volatile=True)
+        while seen < target:
+            if POLL == 2:
+                seen = _nap(seen)
+            seen = tl.load(CNT, volatile=True)
+        tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -67,7 +83,7 @@ def _fused_decode_lookup_kernel(
     HAS_SPREAD: tl.constexpr, ALWAYS: tl.constexpr, HAS_FIXED: tl.constexpr, HAS_COUNT: tl.constexpr,
     ROWWISE: tl.constexpr, NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = 0,
+    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, POLL: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (j, b*h): fine clusters [j * PER_PROG, (j + 1) * PER_PROG) of head h of question b."""
     chain_enter(PDL)
@@ -106,7 +122,7 @@ def _fused_decode_lookup_kernel(
         m, s = _online(m, s, tl.where(sel[None, :], logits + logn[None, :], float("-inf")))
     part_bh = PART + b * s_pb + h * s_ph
     tl.store(part_bh + offs_q * P + j, _finish_lse(m, s), mask=q_ok)  # PART[b, h, q, j]
-    _head_barrier(cnt, P)
+    _head_barrier(cnt, P, POLL)
 
     # ---- phase 2: log Z, decisions and kept segment lengths of this program's segments
     offs_p = tl.arange(0, BLOCK_P)
@@ -141,7 +157,7 @@ def _fused_decode_lookup_kernel(
         tl.store(seg_bh + g, ln, mask=g_ok)
         kept += _sum(ln, axis=0)
     tl.store(BSUM + b * s_bb + h * s_bh + j, kept)
-    _head_barrier(cnt, 2 * P)
+    _head_barrier(cnt, 2 * P, POLL)
 
     # ---- phase 3: sorted positions of the kept keys of this program's segments
     bs = tl.load(BSUM + b * s_bb + h * s_bh + offs_p, mask=offs_p < j, other=0, cache_modifier=".cg")
@@ -258,7 +274,7 @@ def fused_decode_lookup(q, fine_centroids, fine_sizes, fine_threshold, scale, se
         HAS_COUNT=counter is not None, ROWWISE=rowwise, NATIVE=native, HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q, BLOCK_C=block_c,
         BLOCK_P=max(2, triton.next_power_of_2(p)), BLOCK_S=TUNING["block_s"], BLOCK_K=TUNING["block_k"],
-        NUM_STAGES=TUNING["num_stages"], num_warps=TUNING["num_warps"], launch_cooperative_grid=True,
+        NUM_STAGES=TUNING["num_stages"], POLL=TUNING["poll"], num_warps=TUNING["num_warps"], launch_cooperative_grid=True,
         **chain_launch(dev, "fused_lookup"),
     )
     return keep.view(torch.bool), pos, total
