@@ -4,13 +4,12 @@ steps of the synthetic layer of ``sqattn_index.bench`` (keep 10%), timed as CUDA
 once per phase for the speedup. Decode uses the flat lookup (``sqattn bench --flat-decode``), prefill the
 hierarchical one, as the benchmark table does.
 
-Policies (``--policies``): ``off``; ``early`` (every kernel lets the next one launch at its start);
-``late:NAME+NAME`` (those kernels, ``chain.chain_launch`` names, let it launch only when they end; ``all``:
-every kernel). Each may end in ``/fused`` (the one-launch flat threshold decode lookup,
-``kernels/lookup_fused.py``; without it the three-launch path runs).
+Policies (``--policies``): ``off`` and ``early`` (PDL on: every chain kernel lets the next one launch at its
+start). The session-10 runs also timed ``late:NAME`` policies (kernels letting the next launch only when they
+end), removed since; their numbers are in docs/bench/session10/pdl_policies.txt.
 
     python benchmarks/gpu_pdl_ab.py [--shapes llama3-8b,llama2-7b] [--contexts 32768,131072] [--rounds 3]
-        [--phases decode,prefill] [--policies off,early,late:positions,late:all]
+        [--phases decode,prefill] [--policies off,early]
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ def main() -> None:
     from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
 
     from sqattn_index.bench import Timer, best_dense
-    from sqattn_index.kernels import chain, lookup_fused
+    from sqattn_index.kernels import chain
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
@@ -42,16 +41,10 @@ def main() -> None:
     timer = Timer(dev, a.reps)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     policies = a.policies.split(",")
-    every = {"always", "budget", "decide", "merge_new_tokens", "lse", "prob", "normaliser", "probs_many",
-             "coarse_excl", "fine_index", "decide_many", "lse_merge", "expand", "positions", "sparse",
-             "split_reduce", "fused_lookup"}
-
     def set_policy(p: str) -> None:
-        p, fused = (p[: -len("/fused")], True) if p.endswith("/fused") else (p, False)
-        lookup_fused.TUNING["enabled"] = fused
-        chain.SETTINGS["pdl"] = p != "off"
-        late = p.split(":", 1)[1].split("+") if p.startswith("late:") else []
-        chain.SETTINGS["late"] = every if late == ["all"] else set(late)
+        if p not in ("off", "early"):
+            raise SystemExit(f"unknown policy {p!r}: give off and/or early")
+        chain.SETTINGS["pdl"] = p == "early"
 
     log(f"device {torch.cuda.get_device_name(dev)}; keep {a.keep}; {a.rounds} alternating rounds of {a.reps} "
         f"graph replays per setting")

@@ -80,6 +80,6 @@ def always_logz(q: torch.Tensor, keys: torch.Tensor, sink_tokens: int, window_to
         q, keys, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1),
         out.stride(0), out.stride(1), hk, nq, n, sink, window, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=4, **chain_launch(q.device, "always"),
+        num_warps=4, **chain_launch(q.device),
     )
     return out

@@ -187,7 +187,7 @@ def _launch(probs, sizes, allowed, target, iters, seglen, sink, window, excl, lo
         WRITE_SEGLEN=seglen is not None, WRITE_EXCL=excl is not None and seglen is not None,
         FROM_LOGITS=logits is not None, HAS_FIXED=fixed is not None, BLOCK_Q=max(2, triton.next_power_of_2(nq)),
         BLOCK_P=min(triton.next_power_of_2(max(nb, 2)), 512), num_warps=WARPS or _warps(block),
-        **chain_launch(probs.device, "budget"),
+        **chain_launch(probs.device),
     )
     return keep.view(torch.bool)
 

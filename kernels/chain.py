@@ -10,12 +10,13 @@ visible) before its first load or store. Only the launch and the index arithmeti
 since each kernel waits for the one before it, each also finishes after every earlier kernel: reading the
 output of any earlier launch is safe.
 
-``chain_launch(device, name)`` gives the launch arguments of the kernel ``name``: ``launch_pdl=True`` and
-``PDL=1`` (signal at the start, then wait) or ``PDL=2`` (only wait: the kernel signals implicitly when it
-ends, so the next one launches then; for names in ``SETTINGS["late"]``) on a CUDA device of compute
-capability 9.0 or newer when ``SETTINGS["pdl"]`` is on (environment: ``SQATTN_PDL=0`` turns it off,
-``SQATTN_PDL_LATE=positions,sparse`` fills ``late``); else
+``chain_launch(device)`` gives the launch arguments ``PDL=1, launch_pdl=True`` on a CUDA device of compute
+capability 9.0 or newer when ``SETTINGS["pdl"]`` is on (environment ``SQATTN_PDL=0`` turns it off), else
 nothing (``PDL`` defaults to 0: no PDL instructions are compiled, as under ``TRITON_INTERPRET=1``).
+
+Measured on an H100 (``benchmarks/gpu_pdl_ab.py``, docs/bench/README.md, session 10): decode steps 2-8%
+faster at 32K and 0-3% at 128K, prefill unchanged. Letting the next kernel launch only when a kernel ends
+(its implicit signal), for some or all kernels, was no faster than signalling at the start.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import triton.language as tl
 
 __all__ = ["SETTINGS", "chain_enter", "chain_launch"]
 
-SETTINGS = {"pdl": os.environ.get("SQATTN_PDL", "1") != "0",
-            "late": {n for n in os.environ.get("SQATTN_PDL_LATE", "").split(",") if n}}
+SETTINGS = {"pdl": os.environ.get("SQATTN_PDL", "1") != "0"}
 
 
 def _supported(device: torch.device) -> bool:
@@ -38,19 +38,17 @@ def _supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def chain_launch(device: torch.device, name: str) -> dict:
-    """Extra launch arguments for the chain kernel ``name`` on ``device`` (empty where PDL is off or
-    unsupported)."""
+def chain_launch(device: torch.device) -> dict:
+    """Extra launch arguments for a chain kernel on ``device`` (empty where PDL is off or unsupported)."""
     if SETTINGS["pdl"] and _supported(device):
-        return {"PDL": 2 if name in SETTINGS["late"] else 1, "launch_pdl": True}
+        return {"PDL": 1, "launch_pdl": True}
     return {}
 
 
 @triton.jit
 def chain_enter(PDL: tl.constexpr):
-    """First statement of a chain kernel: with PDL 1 let the next kernel launch now; with PDL 1 or 2 wait for
-    the kernel before to finish."""
-    if PDL == 1:
+    """First statement of a chain kernel: with PDL let the next kernel launch now, then wait for the kernel
+    before to finish."""
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if PDL != 0:
         tl.extra.cuda.gdc_wait()

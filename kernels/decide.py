@@ -142,6 +142,6 @@ def decide_from_logits(
         seg.stride(1), bsum.stride(0), bsum.stride(1), hk, nq, c, parts.shape[2], sink, window,
         HAS_FIXED=fixed_logz is not None, HAS_SEGLEN=seglen is not None,
         BLOCK_Q=max(2, triton.next_power_of_2(nq)), BLOCK_P=min(triton.next_power_of_2(max(parts.shape[2], 1)), 64),
-        BLOCK_S=block, num_warps=4, **chain_launch(logits.device, "decide"),
+        BLOCK_S=block, num_warps=4, **chain_launch(logits.device),
     )
     return probs, keep.view(torch.bool)

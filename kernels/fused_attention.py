@@ -118,7 +118,7 @@ def merge_with_new_tokens(
         hk, hq // hk, t, splits, scale,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=min(triton.next_power_of_2(splits), 64),
         BLOCK_N=MERGE_TUNING["block_n"] if d > 64 else 2 * MERGE_TUNING["block_n"],
-        num_warps=MERGE_TUNING["num_warps"], **chain_launch(q.device, "merge_new_tokens"),
+        num_warps=MERGE_TUNING["num_warps"], **chain_launch(q.device),
     )
     return out, lse
 

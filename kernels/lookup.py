@@ -29,7 +29,6 @@ import triton
 from .budget import budget_mask, budget_mask_from_logits
 from .chain import chain_launch
 from .decide import decide_from_logits
-from .lookup_fused import fused_decode_lookup, fused_decode_supported
 from .lookup_kernels import _lse_kernel, _prob_kernel
 from .lookup_many import many_query_lookup, write_seglen
 from .positions import kept_positions, segment_block, segment_lows
@@ -147,7 +146,7 @@ class _Level:
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
             spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
-            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device, "lse"),
+            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device),
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 
@@ -196,7 +195,7 @@ class _Level:
             HAS_ALLOWED=allowed is not None and self.coff is None, FUSED=self.fused,
             HAS_PART2=part2 is not None and self.fused, FINISH=finish, DECIDE=decide,
             WRITE_DROPPED=write_dropped and decide, WRITE_SEGLEN=seglen is not None and decide,
-            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common, **chain_launch(q.device, "prob"),
+            LOAD_LOGITS=logits is not None, BLOCK_P=block_p, **common, **chain_launch(q.device),
         )
         probs = probs_out if finish else psum.sum(dim=2) / self.nq
         if thr is not None and not decide:  # many queries: decide here
@@ -406,10 +405,6 @@ def centroid_lookup_positions(
             raise ValueError("give fine_offsets or seg_lows")
         seg_lows = segment_lows(fine_offsets, num_tokens, window_tokens)
     b, hk = q.shape[:2]
-    if (_decides_from_logits(q, fine_threshold, hierarchical) and fused_decode_supported(q, fine_centroids)
-            and (seg_lows.dim() == 2 or seg_lows.shape[0] == 1)):
-        return _fused(q, fine_centroids, fine_sizes, fine_threshold, scale, seg_lows, num_tokens, sink_tokens,
-                      window_tokens, fine_spread, fixed_logz, always_keys, counter)
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
     excl = torch.empty_like(seglen) if budget is not None else None  # budget mode: prefix sums in the search
     blocksum = None  # flat threshold decode: kept keys per block of segments, from the decisions launch
@@ -431,19 +426,3 @@ def centroid_lookup_positions(
 
 centroid_lookup_positions.__doc__ += LOOKUP_DOC_ARGS
 
-
-def _fused(q, fine_centroids, fine_sizes, fine_threshold, scale, seg_lows, num_tokens, sink, window, fine_spread,
-           fixed_logz, always_keys, counter):
-    """``centroid_lookup_positions`` of a flat threshold decode lookup on a GPU: one launch
-    (``lookup_fused.fused_decode_lookup``)."""
-    if always_keys is not None and fixed_logz is not None:
-        raise ValueError("give at most one of fixed_logz and always_keys")
-    if always_keys is not None and always_keys[0].dtype != fine_centroids.dtype:
-        from .always_logz import always_logz  # the kernel scores the keys as centroids: same dtype needed
-
-        fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
-    keep, pos, total = fused_decode_lookup(q, fine_centroids, fine_sizes, fine_threshold, scale, seg_lows,
-                                           num_tokens, sink, window, fine_spread=fine_spread, fixed_logz=fixed_logz,
-                                           always_keys=always_keys, counter=counter)
-    b, hk, nc = keep.shape
-    return keep, _read(None, b, hk, nc, 0, q.device), pos, total

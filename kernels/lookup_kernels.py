@@ -219,7 +219,7 @@ def _lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     chain_enter(PDL)
     pid_c = tl.program_id(0)
@@ -288,7 +288,7 @@ def _prob_kernel(
     NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     HAS_FIXED: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """Sums over each query tile of exp(logit - log Z_q) into its own row PSUM[b, h, pid_q * NT + tile, c]
     (written once, never read back by another thread before a barrier); with FINISH (one query chunk), the

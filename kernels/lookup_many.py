@@ -361,7 +361,7 @@ class _Many:
             GATHER=idx is not None, DROPPED=dropped is not None, ALWAYS=always is not None,
             HAS_FIXED=fixed is not None, HAS_SPREAD=table.spread is not None, HAS_CSPREAD=ctab.spread is not None,
             NATIVE=self._native(table), PRECISION=self.precision, HEAD_DIM=self.d,
-            BLOCK_D=triton.next_power_of_2(self.d), **cfg, **chain_launch(q.device, "normaliser"),
+            BLOCK_D=triton.next_power_of_2(self.d), **cfg, **chain_launch(q.device),
         )
         return logz, (logz_always if always is not None else None)
 
@@ -393,7 +393,7 @@ class _Many:
             self.hk, self.nq, table.nc, logz.shape[2], q_per, self.scale, 0.5 * self.scale * self.scale, 1.0 / self.nq,
             GATHER=idx is not None, HAS_SPREAD=table.spread is not None, NATIVE=self._native(table),
             PRECISION=self.precision, HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), **cfg,
-            **chain_launch(q.device, "probs_many"),
+            **chain_launch(q.device),
         )
         if splits == 1:
             return res
@@ -422,7 +422,7 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
         keep_c, coarse_offsets, excl, count, keep_c.stride(0), keep_c.stride(1), coarse_offsets.stride(0),
         excl.stride(0), excl.stride(1), count.stride(0), count.stride(1), hk, ncc,
         BLOCK_G=min(1024, triton.next_power_of_2(max(ncc, 2))), num_warps=4,
-        **chain_launch(keep_c.device, "coarse_excl"),
+        **chain_launch(keep_c.device),
     )
     block_f = 256 if not _interpret() else 64
     _fine_index_kernel[(triton.cdiv(max(num_fine, 1), block_f), b * hk)](
@@ -430,7 +430,7 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
         coarse_offsets.stride(0), excl.stride(0), excl.stride(1), idx.stride(0), idx.stride(1), allowed.stride(0),
         allowed.stride(1), pr.stride(0), pr.stride(1), hk, num_fine, ncc,
         SEARCH_STEPS=max(1, int(ncc).bit_length()), BLOCK_F=block_f, num_warps=4,
-        **chain_launch(keep_c.device, "fine_index"),
+        **chain_launch(keep_c.device),
     )
     return idx, count, allowed
 
@@ -465,7 +465,7 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
         probs, thr, alw, sz, keep, seg, probs.stride(0), probs.stride(1), alw.stride(0), alw.stride(1),
         sz.stride(0), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
         HAS_ALLOWED=allowed is not None, HAS_SEGLEN=seglen is not None, BLOCK=block, num_warps=4,
-        **chain_launch(probs.device, "decide_many"),
+        **chain_launch(probs.device),
     )
     return keep.view(torch.bool)
 

@@ -56,6 +56,6 @@ def lse_merge(
     block_r = 16
     _lse_merge_kernel[(triton.cdiv(max(n_rows, 1), block_r),)](
         oa, la, ob, lb, out, lse, n_rows, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, num_warps=4,
-        **chain_launch(oa.device, "lse_merge"),
+        **chain_launch(oa.device),
     )
     return out, lse

@@ -168,7 +168,7 @@ def expand_positions(cum: torch.Tensor, lows: torch.Tensor, max_keys: int) -> to
     _expand_kernel[grid](
         cum, lows, pos,
         cum.stride(0), cum.stride(1), s_lb, lows.stride(1), pos.stride(0), pos.stride(1),
-        hk, r, LOG_R=max(r.bit_length(), 1) + 1, BLOCK=block, num_warps=4, **chain_launch(cum.device, "expand"),
+        hk, r, LOG_R=max(r.bit_length(), 1) + 1, BLOCK=block, num_warps=4, **chain_launch(cum.device),
     )
     return pos
 
@@ -233,6 +233,6 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         HAS_BLOCKSUM=blocksum is not None and excl is None, BLOCK_S=block_s,
         BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16 if _interpret() else TUNING["block_k"],
         BLOCK_NB=max(2, triton.next_power_of_2(nblk)), num_warps=4 if _interpret() else TUNING["num_warps"],
-        **chain_launch(seglen.device, "positions"),
+        **chain_launch(seglen.device),
     )
     return pos, total, (read if allowed is not None else None)

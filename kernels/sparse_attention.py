@@ -304,7 +304,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device, "sparse"),
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
     )
     if not reduce:
         return part_o, part_l
@@ -324,7 +324,7 @@ def reduce_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         out3.stride(0), out3.stride(1), out3.stride(2), lse3.stride(0), lse3.stride(1),
         hk, splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_S=min(triton.next_power_of_2(splits), 128), num_warps=4, **chain_launch(part_o.device, "split_reduce"),
+        BLOCK_S=min(triton.next_power_of_2(splits), 128), num_warps=4, **chain_launch(part_o.device),
     )
 
 

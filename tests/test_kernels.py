@@ -668,14 +668,12 @@ def test_chain_launch_arguments(monkeypatch):
     """PDL launch arguments only for a CUDA device of compute capability 9.0 or newer, and only when on."""
     from sqattn_index.kernels import chain
 
-    assert chain.chain_launch(torch.device("cpu"), "sparse") == {}
+    assert chain.chain_launch(torch.device("cpu")) == {}
     monkeypatch.setitem(chain.SETTINGS, "pdl", False)
-    assert chain.chain_launch(torch.device(DEV), "sparse") == {}
+    assert chain.chain_launch(torch.device(DEV)) == {}
     monkeypatch.setitem(chain.SETTINGS, "pdl", True)
-    monkeypatch.setitem(chain.SETTINGS, "late", {"positions"})
     hopper = CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.get_device_capability()[0] >= 9
-    assert chain.chain_launch(torch.device(DEV), "sparse") == ({"PDL": 1, "launch_pdl": True} if hopper else {})
-    assert chain.chain_launch(torch.device(DEV), "positions") == ({"PDL": 2, "launch_pdl": True} if hopper else {})
+    assert chain.chain_launch(torch.device(DEV)) == ({"PDL": 1, "launch_pdl": True} if hopper else {})
 
 
 @pytest.mark.gpu
@@ -716,7 +714,7 @@ def test_gpu_chain_in_graph_with_pdl_matches_plain_launches(monkeypatch, nq, hie
     monkeypatch.setitem(chain.SETTINGS, "pdl", False)
     want = step()
     monkeypatch.setitem(chain.SETTINGS, "pdl", True)
-    assert chain.chain_launch(q.device, "sparse"), "an H100/H200 should take PDL launches"
+    assert chain.chain_launch(q.device), "an H100/H200 should take PDL launches"
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -731,70 +729,6 @@ def test_gpu_chain_in_graph_with_pdl_matches_plain_launches(monkeypatch, nq, hie
         for x, y in zip(got, want):
             assert torch.equal(x, y)
 
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("b,hk,nq,d,n,cc,cdt,terms", [
-    pytest.param(1, 8, 4, 128, 32768, 128, "bf16", True, id="llama3-shape-always-keys"),
-    pytest.param(2, 8, 4, 128, 32768, 128, "bf16", False, id="llama3-shape-B2"),
-    pytest.param(1, 32, 1, 128, 16384, 64, "bf16", True, id="llama2-shape-one-query"),
-    pytest.param(2, 4, 3, 64, 2000, 8, "fp32", True, id="small-fp32-centroids"),
-    pytest.param(1, 2, 4, 64, 300, 2, "bf16", False, id="tiny-few-clusters"),
-])
-def test_gpu_fused_decode_lookup_matches_three_launches(monkeypatch, b, hk, nq, d, n, cc, cdt, terms):
-    """The one-launch flat threshold decode lookup (per-head grid barriers) keeps the clusters and writes the
-    positions, totals and byte counts of the three-launch path, launch after launch (its counters reset
-    themselves) and inside a CUDA graph."""
-    from sqattn_index.kernels import lookup_fused
-
-    (q, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, nq, d, n, cc, "bf16",
-                                                                               seed=b + hk + nq + n,
-                                                                               cent_dtype=DTYPES[cdt])
-    scale = d ** -0.5
-    kw = dict(fine_offsets=fo, num_tokens=n, sink_tokens=sink, window_tokens=window)
-    est = None
-    if terms:
-        fsp, _, _ = estimate_terms(q, fc, ccent, torch.Generator().manual_seed(n))
-        always = (keys.to(fc.dtype), sink, window)
-        kw.update(fine_spread=fsp, always_keys=always)
-        est = (fsp, None, ref.always_logz_ref(q, *always, scale))
-    sel, _, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, False, coarse_frac=0.7, fine_frac=0.9,
-                                    min_gap=1e-4, terms=est)
-    args = (q, fc, fs, ccent, cs, co, *sel, scale, False)
-
-    def run():
-        acc = torch.zeros(2, dtype=torch.int64, device=DEV)
-        res = centroid_lookup_positions(*args, counter=(acc, 512, 258, 1 << 20), **kw)
-        return res + (acc,)
-
-    monkeypatch.setitem(lookup_fused.TUNING, "enabled", False)
-    want = run()
-    monkeypatch.setitem(lookup_fused.TUNING, "enabled", True)
-    assert lookup_fused.fused_decode_supported(q, fc)
-
-    def check(got):
-        keep, read, pos, total, acc = got
-        assert torch.equal(keep, want[0]), f"{int((keep != want[0]).sum())} decisions differ"
-        assert torch.equal(read, want[1]) and torch.equal(total, want[3]) and torch.equal(acc, want[4])
-        for bi in range(b):
-            for h in range(hk):
-                t = int(total[bi, h])
-                assert torch.equal(pos[bi, h, :t], want[2][bi, h, :t])
-
-    for _ in range(3):
-        check(run())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = run()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        check(got)
 
 def test_budget_positions_fallback_past_max_clusters(monkeypatch):
     """Heads with more clusters than the registers hold take the reference's sort; the positions, totals
