@@ -5,12 +5,11 @@ once per phase for the speedup. Decode uses the flat lookup (``sqattn bench --fl
 hierarchical one, as the benchmark table does.
 
 Policies (``--policies``): ``off`` and ``early`` (PDL on: every chain kernel lets the next one launch at its
-start), each optionally with ``+split``: the flat threshold decode lookup takes its decisions and its kept
-positions in two launches (``lookup.TUNING["decide_positions"] = False``) instead of one. The session-10 runs also timed ``late:NAME`` policies (kernels letting the next launch only when they
+start). The session-10 runs also timed ``late:NAME`` policies (kernels letting the next launch only when they
 end), removed since; their numbers are in docs/bench/session10/pdl_policies.txt.
 
     python benchmarks/gpu_pdl_ab.py [--shapes llama3-8b,llama2-7b] [--contexts 32768,131072] [--rounds 3]
-        [--phases decode,prefill] [--policies off,early,early+split]
+        [--phases decode,prefill] [--policies off,early]
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ def main() -> None:
 
     from sqattn_index.bench import Timer, best_dense
     from sqattn_index.kernels import chain
-    from sqattn_index.kernels import lookup as lk
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
@@ -44,11 +42,9 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     policies = a.policies.split(",")
     def set_policy(p: str) -> None:
-        pdl, _, split = p.partition("+")
-        if pdl not in ("off", "early") or split not in ("", "split"):
-            raise SystemExit(f"unknown policy {p!r}: give off or early, optionally with +split")
-        chain.SETTINGS["pdl"] = pdl == "early"
-        lk.TUNING["decide_positions"] = split != "split"
+        if p not in ("off", "early"):
+            raise SystemExit(f"unknown policy {p!r}: give off and/or early")
+        chain.SETTINGS["pdl"] = p == "early"
 
     log(f"device {torch.cuda.get_device_name(dev)}; keep {a.keep}; {a.rounds} alternating rounds of {a.reps} "
         f"graph replays per setting")

@@ -28,7 +28,7 @@ import triton
 
 from .budget import budget_mask, budget_mask_from_logits
 from .chain import chain_launch
-from .decide import decide_from_logits, decide_positions, decide_positions_scratch
+from .decide import decide_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
 from .lookup_many import many_query_lookup, write_seglen
 from .positions import kept_positions, segment_block, segment_lows
@@ -48,7 +48,7 @@ def _interpret() -> bool:
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
           "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
-          "decode_dot_min_q": 2, "many_path": "stationary", "decide_positions": True}
+          "decode_dot_min_q": 2, "many_path": "stationary"}
 FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
 # is "grouped" (this module's launches, kept to compare against in one benchmark run)
 # measured best on an H100 (docs/bench/README.md). A flat fine level gives a program several blocks of
@@ -117,13 +117,12 @@ class _Level:
     def _spread(self, dummy):
         return self.spread if self.spread is not None else dummy
 
-    def lse(self, keepc=None, dropped=False, always=None, zero=None):
+    def lse(self, keepc=None, dropped=False, always=None):
         """Partial log-normalisers [B, Hk, NB, Q]; the allowed mask [B, Hk, C] uint8 (fine level grouped by
         parent) and the logits scratch [B, Hk, Q, C] (few queries; entries of unselected clusters unwritten).
         ``always`` = (keys [Hk, N, D], sink, window): one more partial row, NB + 1 in all, holds the exact
         log-normaliser of the always-attended keys (``always_logz_ref``), computed by extra programs of the
-        same launch (block-grouped level only). ``zero``: an int32 tensor the launch also zeroes (the scratch of
-        ``decide.decide_positions``, which runs next)."""
+        same launch (block-grouped level only)."""
         q, cent, dev = self.q, self.cent, self.q.device
         if always is not None and self.coff is not None:
             raise ValueError("the always-attended row is computed at a block-grouped (coarse or flat) level")
@@ -140,17 +139,14 @@ class _Level:
         n = keys.shape[1]
         sink = min(sink, n)
         window = min(window, n - sink)
-        zbuf = zero if zero is not None else self.sizes
         _lse_kernel[(nb,) + self.grid[1:]](
-            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread, keys, zbuf,
+            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread, keys,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
             spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
-            zero.numel() if zero is not None else 0,
-            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, HAS_ZERO=zero is not None, **common,
-            **chain_launch(q.device),
+            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device),
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 
@@ -409,10 +405,6 @@ def centroid_lookup_positions(
             raise ValueError("give fine_offsets or seg_lows")
         seg_lows = segment_lows(fine_offsets, num_tokens, window_tokens)
     b, hk = q.shape[:2]
-    if _decides_from_logits(q, fine_threshold, hierarchical) and TUNING["decide_positions"]:
-        return _flat_decode_positions(q, fine_centroids, fine_sizes, fine_threshold, scale, precision, seg_lows,
-                                      num_tokens, sink_tokens, window_tokens, fine_spread, fixed_logz, always_keys,
-                                      counter)
     seglen = torch.empty(b, hk, fine_centroids.shape[1] + 2, dtype=torch.int32, device=q.device)
     excl = torch.empty_like(seglen) if budget is not None else None  # budget mode: prefix sums in the search
     blocksum = None  # flat threshold decode: kept keys per block of segments, from the decisions launch
@@ -433,25 +425,4 @@ def centroid_lookup_positions(
 
 
 centroid_lookup_positions.__doc__ += LOOKUP_DOC_ARGS
-
-
-def _flat_decode_positions(q, fine_centroids, fine_sizes, fine_threshold, scale, precision, seg_lows, num_tokens,
-                           sink, window, fine_spread, fixed_logz, always_keys, counter):
-    """``centroid_lookup_positions`` of a flat threshold lookup of few queries in two launches: the
-    normaliser (which also zeroes the next launch's scratch) and ``decide.decide_positions``."""
-    if always_keys is not None and fixed_logz is not None:
-        raise ValueError("give at most one of fixed_logz and always_keys")
-    if always_keys is not None and always_keys[0].dtype != fine_centroids.dtype:
-        from .always_logz import always_logz  # the launch scores keys as centroids: same dtype needed
-
-        fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    b, hk, _, _ = q.shape
-    nc = fine_centroids.shape[1]
-    fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread, flat_fine=True)
-    scratch = decide_positions_scratch(b, hk, nc, q.device)
-    part, _, logits = fine.lse(always=always_keys, zero=scratch)
-    _, keep, pos, total = decide_positions(logits, part, fine_threshold, fine_sizes, seg_lows, num_tokens, scratch,
-                                           fixed_logz=fixed_logz, sink=sink, window=window, counter=counter)
-    return keep, _read(None, b, hk, nc, 0, q.device), pos, total
 

@@ -208,29 +208,17 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
 
 
 @triton.jit
-def _zero_share(ZERO, n, k, parts):
-    """Share k of ``parts`` of zeroing the int32 ZERO[0:n]."""
-    per = (n + parts - 1) // parts
-    lo = k * per
-    hi = tl.minimum(lo + per, n)
-    offs = tl.arange(0, 128)
-    for z0 in range(lo, hi, 128):
-        tl.store(ZERO + z0 + offs, tl.full([128], 0, tl.int32), mask=z0 + offs < hi)
-
-
-@triton.jit
 def _lse_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K, ZERO,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
     s_akh, s_akn,
-    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2, NB, N, SINK, WINDOW, N_ZERO,
+    HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2, NB, N, SINK, WINDOW,
     BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
     GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
     STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
-    HAS_ZERO: tl.constexpr = False,  # also zero the int32 ZERO[0:N_ZERO] (a later launch's scratch)
     PDL: tl.constexpr = 0,
 ):
     chain_enter(PDL)
@@ -239,9 +227,6 @@ def _lse_kernel(
     pid_bh = tl.program_id(2)
     b = (pid_bh // HK).to(tl.int64)
     h = (pid_bh % HK).to(tl.int64)
-    if HAS_ZERO:
-        if pid_q == 0:
-            _zero_share(ZERO, N_ZERO, pid_bh * tl.num_programs(0) + pid_c, tl.num_programs(0) * tl.num_programs(2))
     if ALWAYS:  # the extra program: its clusters are past NC (nothing to score) and it skips the store below
         if pid_c == NB:
             q_lo = pid_q * Q_PER_PROG

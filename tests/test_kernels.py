@@ -664,66 +664,6 @@ def test_gpu_lookup_real_sizes(b, nq, hier, mode, cdt, terms):
     assert torch.equal(read, rread)
 
 
-@pytest.mark.parametrize("b,hk,nq,d,n,terms", [
-    pytest.param(1, 2, 4, 64, 3000, True, id="B1-G4-always-keys-spread"),
-    pytest.param(2, 3, 1, 64, 2500, False, id="B2-G1-plain"),
-    pytest.param(2, 8, 4, 128, 32768, True, id="llama3-shape-32K", marks=[pytest.mark.gpu, gpu]),
-    pytest.param(1, 32, 1, 128, 32768, True, id="llama2-shape-32K", marks=[pytest.mark.gpu, gpu]),
-])
-def test_decide_positions_one_launch_matches_two(monkeypatch, b, hk, nq, d, n, terms):
-    """Flat threshold decode lookup: decisions and kept positions in one launch (look-back over the blocks'
-    published counts) give the keep mask, positions, totals and byte counts of decisions + positions
-    kernel, launch after launch (the normaliser re-zeroes the scratch) and, on a GPU, in a CUDA graph."""
-    from sqattn_index.kernels import lookup as lk
-
-    (q, fc, fs, ccent, cs, co, fo, keys), (sink, window, _) = make_lookup_case(b, hk, nq, d, n, 4, "bf16",
-                                                                               seed=b + hk + nq + n,
-                                                                               cent_dtype=torch.bfloat16)
-    scale = d ** -0.5
-    kw = dict(fine_offsets=fo, num_tokens=n, sink_tokens=sink, window_tokens=window)
-    est = None
-    if terms:
-        fsp, _, _ = estimate_terms(q, fc, ccent, torch.Generator().manual_seed(n))
-        always = (keys.to(fc.dtype), sink, window)
-        kw.update(fine_spread=fsp, always_keys=always)
-        est = (fsp, None, ref.always_logz_ref(q, *always, scale))
-    sel, _, _ = threshold_selection(q, fc, fs, ccent, cs, co, scale, False, fine_frac=0.9, min_gap=1e-4, terms=est)
-    args = (q, fc, fs, ccent, cs, co, *sel, scale, False)
-
-    def run():
-        acc = torch.zeros(2, dtype=torch.int64, device=DEV)
-        return centroid_lookup_positions(*args, counter=(acc, 512, 258, 1 << 20), **kw) + (acc,)
-
-    monkeypatch.setitem(lk.TUNING, "decide_positions", False)
-    want = run()
-    monkeypatch.setitem(lk.TUNING, "decide_positions", True)
-    assert int(want[3].min()) > sink + window  # clusters were kept
-
-    def check(got):
-        keep, read, pos, total, acc = got
-        assert torch.equal(keep, want[0]), f"{int((keep != want[0]).sum())} decisions differ"
-        assert torch.equal(read, want[1]) and torch.equal(total, want[3]) and torch.equal(acc, want[4])
-        for bi in range(b):
-            for h in range(hk):
-                t = int(total[bi, h])
-                assert torch.equal(pos[bi, h, :t], want[2][bi, h, :t])
-
-    for _ in range(2):
-        check(run())
-    if CUDA:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = run()
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            check(got)
-
 def test_chain_launch_arguments(monkeypatch):
     """PDL launch arguments only for a CUDA device of compute capability 9.0 or newer, and only when on."""
     from sqattn_index.kernels import chain
