@@ -48,8 +48,7 @@ def _interpret() -> bool:
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
           "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
-          "decode_dot_min_q": 2, "many_path": "stationary",
-          "flat_prefetch": True}
+          "decode_dot_min_q": 2, "many_path": "stationary"}
 FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
 # is "grouped" (this module's launches, kept to compare against in one benchmark run)
 # measured best on an H100 (docs/bench/README.md). A flat fine level gives a program several blocks of
@@ -81,7 +80,6 @@ class _Level:
             block_q = 16 if (_interpret() or self.few) else 64
         block_c = 16 if (_interpret() or coff is not None) else TUNING["flat_block_c" if flat_fine else "block_c"]
         flat_decode = flat_fine and self.few and not _interpret()
-        self.flat_decode = flat_fine and self.few  # (prefetch is also exercised under the interpreter)
         if flat_decode:
             warps = TUNING["flat_warps_one_query" if self.nq == 1 else "flat_warps"]
         elif coff is None:
@@ -148,8 +146,7 @@ class _Level:
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
             spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
-            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None,
-            PREFETCH=self.flat_decode and not dropped and TUNING["flat_prefetch"], **common, **chain_launch(q.device),
+            DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device),
         )
         return part, (allowed if by_parent else None), (logits if store else None)
 

@@ -199,15 +199,6 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
     if DROPPED:
         sel = sel & (tl.load(KEEPC + offs_c, mask=sel, other=1) == 0)
     cent = _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
-    return _lse_terms(m, s, cent, offs_c, sel, qv, qn2, offs_q, q_ok, SIZES, SPREAD, LOGITS, s_gq, scale, half_s2,
-                      STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
-
-
-@triton.jit
-def _lse_terms(m, s, cent, offs_c, sel, qv, qn2, offs_q, q_ok, SIZES, SPREAD, LOGITS, s_gq, scale, half_s2,
-               STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
-               HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``_lse_tile`` after the centroid load: the tile ``cent`` of clusters ``offs_c`` (those in ``sel``)."""
     logn = tl.log(tl.load(SIZES + offs_c, mask=sel, other=1).to(tl.float32))
     logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
     logits = _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD)
@@ -228,7 +219,6 @@ def _lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
     ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
-    PREFETCH: tl.constexpr = False,  # block-grouped level, not DROPPED: load block i + 1 while scoring block i
     PDL: tl.constexpr = 0,
 ):
     chain_enter(PDL)
@@ -275,18 +265,6 @@ def _lse_kernel(
                         m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h,
                                          keepc_h, logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED,
                                          STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
-        elif PREFETCH:  # GROUP consecutive blocks, the next block's centroids loading while this one is scored
-            hi = tl.minimum(g_hi * BLOCK_C, NC)
-            offs_n = g_lo * BLOCK_C + offs_cb
-            nxt = _load_cent(c_h, s_cc, offs_n, offs_n < hi, offs_d, d_ok, NATIVE)
-            for c0 in range(g_lo * BLOCK_C, hi, BLOCK_C):
-                cur = nxt
-                offs_n = c0 + BLOCK_C + offs_cb
-                nxt = _load_cent(c_h, s_cc, offs_n, offs_n < hi, offs_d, d_ok, NATIVE)
-                offs_c = c0 + offs_cb
-                m, s = _lse_terms(m, s, cur, offs_c, offs_c < hi, qv, qn2, offs_q, q_ok, sizes_h, spread_h, logits_h,
-                                  s_gq, scale, half_s2, STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD,
-                                  BLOCK_Q, BLOCK_C)
         else:  # GROUP consecutive blocks: one straight loop, so the compiler can pipeline the centroid loads
             hi = tl.minimum(g_hi * BLOCK_C, NC)
             for c0 in range(g_lo * BLOCK_C, hi, BLOCK_C):
