@@ -41,6 +41,7 @@ def main() -> None:
     timer = Timer(dev, a.reps)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     policies = a.policies.split(",")
+
     def set_policy(p: str) -> None:
         if p not in ("off", "early"):
             raise SystemExit(f"unknown policy {p!r}: give off and/or early")

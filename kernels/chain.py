@@ -21,6 +21,7 @@ faster at 32K and 0-3% at 128K, prefill unchanged. Letting the next kernel launc
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,7 +36,12 @@ SETTINGS = {"pdl": os.environ.get("SQATTN_PDL", "1") != "0"}
 def _supported(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def chain_launch(device: torch.device) -> dict:
