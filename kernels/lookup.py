@@ -30,7 +30,8 @@ from .budget import budget_mask, budget_mask_from_logits
 from .chain import chain_launch
 from .decide import decide_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
-from .lookup_many import many_query_lookup, write_seglen
+from .compaction import write_seglen
+from .lookup_many import many_query_lookup
 from .positions import kept_positions, segment_block, segment_lows
 
 __all__ = ["centroid_lookup", "centroid_lookup_positions", "centroid_probs"]

@@ -228,7 +228,7 @@ def _fine_parent(coarse_offsets: torch.Tensor, num_fine: int) -> torch.Tensor:
 
 def compact_fine_ref(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: int
                      ) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Fine clusters under kept coarse clusters (``lookup_many.compact_fine``): keep_c [B, Hk, Cc] bool,
+    """Fine clusters under kept coarse clusters (``compaction.compact_fine``): keep_c [B, Hk, Cc] bool,
     coarse_offsets [Hk, Cc + 1] -> per (b, h) the sorted fine indices (int32), count [B, Hk] int32 and the
     allowed mask [B, Hk, Cf] uint8."""
     b, hk, _ = keep_c.shape

@@ -20,7 +20,7 @@ from sqattn_index.kernels.lookup import (  # noqa: E402
     centroid_lookup_positions,
     centroid_probs,
 )
-from sqattn_index.kernels.lookup_many import compact_fine  # noqa: E402
+from sqattn_index.kernels.compaction import compact_fine  # noqa: E402
 from sqattn_index.kernels.merge import lse_merge  # noqa: E402
 from sqattn_index.kernels.sparse_attention import sparse_attention, sparse_attention_positions  # noqa: E402
 
@@ -853,7 +853,7 @@ def test_budget_mask_slack_keeps_a_bounded_superset(slack):
 
 def test_threshold_decide_matches_torch():
     """The many-query lookup's one-launch threshold decisions: keep, allowed and kept segment lengths."""
-    from sqattn_index.kernels.lookup_many import threshold_decide, write_seglen
+    from sqattn_index.kernels.compaction import threshold_decide, write_seglen
 
     gen = torch.Generator().manual_seed(3)
     b, hk, c = 2, 3, 300
