@@ -27,6 +27,7 @@ import torch
 import triton
 
 from .budget import budget_mask, budget_mask_from_logits
+from .centroid_fp8 import dequantize_centroids, is_fp8
 from .chain import chain_launch
 from .decide import decide_from_logits
 from .lookup_kernels import _lse_kernel, _prob_kernel
@@ -63,9 +64,11 @@ class _Level:
     """One level's tensors and launch helpers. ``coff`` [Hk, Cc + 1] makes it a fine level grouped by
     coarse parent (one program per ``group`` coarse clusters)."""
 
-    def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None, flat_fine=False):
+    def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None, flat_fine=False, cscale=None):
         self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
         self.spread = spread.float().contiguous() if spread is not None else None
+        self.fp8 = is_fp8(cent)  # 8-bit table: scores on CUDA cores or fp32 dots (never the 16-bit native dot)
+        self.cscale = cscale.float().contiguous() if self.fp8 else None
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
         self.few = self.nq <= FEW_QUERIES  # decode: logits stored for the next launch, decode launch settings
@@ -112,8 +115,11 @@ class _Level:
         return dict(HEAD_DIM=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_Q=c["BLOCK_Q"],
                     BLOCK_C=c["BLOCK_C"], PRECISION=self.precision, ROWWISE=self.rowwise, NATIVE=self.native,
                     BY_PARENT=self.coff is not None, GROUP=self.group, num_warps=c["num_warps"],
-                    num_stages=c["num_stages"],
+                    num_stages=c["num_stages"], FP8=self.fp8,
                     HAS_SPREAD=self.spread is not None), keepc, coff
+
+    def _cscale(self, dummy):
+        return self.cscale if self.cscale is not None else dummy
 
     def _spread(self, dummy):
         return self.spread if self.spread is not None else dummy
@@ -137,15 +143,16 @@ class _Level:
         spread = self._spread(self.sizes)
         keys, sink, window = always if always is not None else (cent, 0, 0)
         keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+        cscale = self._cscale(part)
         n = keys.shape[1]
         sink = min(sink, n)
         window = min(window, n - sink)
         _lse_kernel[(nb,) + self.grid[1:]](
-            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread, keys,
+            q, cent, self.sizes, keepc, coff, allowed, part, logits, spread, keys, cscale,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            spread.stride(0), keys.stride(0), keys.stride(1), self.hk, self.nq, self.nc, self.ncc, self.q_per,
+            spread.stride(0), keys.stride(0), keys.stride(1), cscale.stride(0), self.hk, self.nq, self.nc, self.ncc, self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
             DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device),
         )
@@ -181,9 +188,10 @@ class _Level:
         block_p = min(triton.next_power_of_2(max(part1.shape[2], p2.shape[2])), 512)
         spread = self._spread(self.sizes)
         fz = fixed.float() if fixed is not None else psum
+        cscale = self._cscale(psum)
         _prob_kernel[self.grid](
             q, cent, self.sizes, keepc, coff, alw, logz, part1, p2, thr if thr is not None else psum, psum, keep,
-            dpart, seg, lg, spread, fz, probs_out,
+            dpart, seg, lg, spread, fz, probs_out, cscale, cscale.stride(0),
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), alw.stride(0), alw.stride(1),
             logz.stride(0), logz.stride(1), part1.stride(0), part1.stride(1), part1.stride(2),
@@ -219,7 +227,7 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
          fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None, budget_slack=0.0,
-         blocksum=None):
+         blocksum=None, fine_centroid_scales=None, coarse_centroid_scales=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
     length of every segment (sinks, fine clusters, window) there, and in budget mode with ``excl`` (same
@@ -227,18 +235,28 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     writes the kept keys per block of segments into ``blocksum`` (``decide.decide_from_logits``).
     ``always_keys`` = (keys, sink, window) stands for ``fixed_logz = always_logz(q, keys, sink, window,
     scale)``, computed inside the first level's normaliser launch (coarse, or fine when flat) by extra
-    programs."""
+    programs. 8-bit (float8 e4m3) centroid tables come with their ``*_centroid_scales`` [Hk, D]
+    (``centroid_fp8``)."""
     _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarchical, precision)
     if always_keys is not None and fixed_logz is not None:
         raise ValueError("give at most one of fixed_logz and always_keys")
+    _check_fp8(fine_centroids, fine_centroid_scales, "fine")
+    if hierarchical:
+        _check_fp8(coarse_centroids, coarse_centroid_scales, "coarse")
     first = coarse_centroids if hierarchical else fine_centroids
-    if always_keys is not None and always_keys[0].dtype != first.dtype:
+    if always_keys is not None and always_keys[0].dtype != first.dtype and not is_fp8(first):
         from .always_logz import always_logz  # the launch scores keys as centroids: same dtype needed
 
         fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
     if nq > FEW_QUERIES and TUNING["many_path"] == "stationary":
+        # the many-query kernels score 16-bit or fp32 tables: an 8-bit one is widened first (pass the 16-bit
+        # table for prefill to skip that)
+        if is_fp8(fine_centroids):
+            fine_centroids = dequantize_centroids(fine_centroids, fine_centroid_scales)
+        if hierarchical and is_fp8(coarse_centroids):
+            coarse_centroids = dequantize_centroids(coarse_centroids, coarse_centroid_scales)
         return many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                  fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                  precision, seglen=seglen, sink=sink, window=window, fine_spread=fine_spread,
@@ -248,7 +266,8 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     coarse_probs = allowed = None
     seg = dict(seglen=seglen, sink=sink, window=window, fixed=fixed_logz)
     if not hierarchical:
-        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread, flat_fine=True)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, spread=fine_spread, flat_fine=True,
+                      cscale=fine_centroid_scales)
         part, _, logits = fine.lse(always=always_keys)  # with always_keys: the extra row is in the normaliser
         if thr is None and logits is not None:  # budget, few queries: the probabilities in the budget launch
             keep, probs = budget_mask_from_logits(logits, part, fixed_logz, fine_sizes, budget, seglen=seglen,
@@ -260,8 +279,10 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
             return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
-        coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision, spread=coarse_spread)
-        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets, spread=fine_spread)
+        coarse = _Level(q, coarse_centroids, coarse_sizes, scale, precision, spread=coarse_spread,
+                        cscale=coarse_centroid_scales)
+        fine = _Level(q, fine_centroids, fine_sizes, scale, precision, coff=coarse_offsets, spread=fine_spread,
+                      cscale=fine_centroid_scales)
         part_c, _, logits_c = coarse.lse(always=always_keys)
         cfixed = fixed_logz
         if always_keys is not None:  # the last partial row: in the coarse normaliser already, and the fine one's
@@ -285,6 +306,15 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     if seglen is not None and thr is not None and fine.nqc > 1:
         write_seglen(seglen, keep, fine_sizes, sink, window)
     return keep, allowed, probs, coarse_probs
+
+
+def _check_fp8(centroids, scales, level):
+    if is_fp8(centroids) and (scales is None or scales.shape != (centroids.shape[0], centroids.shape[2])):
+        raise ValueError(f"8-bit {level} centroids {tuple(centroids.shape)} need {level}_centroid_scales "
+                         f"[Hk, D] = {(centroids.shape[0], centroids.shape[2])} (centroid_fp8.quantize_centroids); "
+                         f"got {None if scales is None else tuple(scales.shape)}")
+    if scales is not None and not is_fp8(centroids):
+        raise ValueError(f"{level}_centroid_scales go with float8 e4m3 {level} centroids; got {centroids.dtype}")
 
 
 def _decides_from_logits(q, fine_threshold, hierarchical) -> bool:
@@ -311,6 +341,8 @@ LOOKUP_DOC_ARGS = """
             keys (``always_logz_ref``), or None.
         precision: fp32 scores of many queries (Q > 16) against fp32 centroids: "ieee" (exact, default) or
             "tf32" (faster; decisions may differ from the reference within about 1e-3 of a threshold).
+        fine_centroid_scales / coarse_centroid_scales: [Hk, D] float32 scales of float8 e4m3 centroid tables
+            (``centroid_fp8.quantize_centroids``; the lookup scores the dequantised table), or None.
 """
 
 
@@ -332,6 +364,8 @@ def centroid_lookup(
     coarse_spread: torch.Tensor | None = None,
     fixed_logz: torch.Tensor | None = None,
     precision: str = "ieee",
+    fine_centroid_scales: torch.Tensor | None = None,
+    coarse_centroid_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which fine clusters to keep, by coarse-then-fine centroid lookup (Triton; same arguments and results
     as ``centroid_lookup_ref``).
@@ -342,7 +376,8 @@ def centroid_lookup(
     keep, allowed, _, _ = _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, fine_spread=fine_spread, coarse_spread=coarse_spread,
-                               fixed_logz=fixed_logz)
+                               fixed_logz=fixed_logz, fine_centroid_scales=fine_centroid_scales,
+                               coarse_centroid_scales=coarse_centroid_scales)
     return keep, _read(allowed, *keep.shape, coarse_centroids.shape[1], q.device)
 
 
@@ -386,6 +421,8 @@ def centroid_lookup_positions(
     counter: tuple | None = None,
     always_keys: tuple | None = None,
     budget_slack: float = 0.0,
+    fine_centroid_scales: torch.Tensor | None = None,
+    coarse_centroid_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
@@ -416,7 +453,9 @@ def centroid_lookup_positions(
                                fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                precision, seglen=seglen, sink=sink_tokens, window=window_tokens,
                                fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
-                               always_keys=always_keys, excl=excl, budget_slack=budget_slack, blocksum=blocksum)
+                               always_keys=always_keys, excl=excl, budget_slack=budget_slack, blocksum=blocksum,
+                               fine_centroid_scales=fine_centroid_scales,
+                               coarse_centroid_scales=coarse_centroid_scales)
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
                                       counter=counter, excl=excl, blocksum=blocksum)

@@ -38,6 +38,17 @@ def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _dequant(cent, CSCALE_ROW, offs_d, d_ok, FP8: tl.constexpr):
+    """8-bit centroids (loaded as fp32 by ``_load_cent``) times their head's per-dimension scale row; others as
+    they are. (``centroid_fp8.quantize_centroids`` stores them; its ``dequantize_centroids`` is the twin.)"""
+    if FP8:
+        res = cent * tl.load(CSCALE_ROW + offs_d, mask=d_ok, other=0.0)[None, :]
+    else:
+        res = cent
+    return res
+
+
+@triton.jit
 def _scores(qv, cent, scale, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ROWWISE: tl.constexpr,
             NATIVE: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_Q, BLOCK_C] float32 logits s * q.c of a query tile against a centroid tile."""
@@ -189,7 +200,8 @@ def _always_part(Q, K, PART, s_qm, s_kh, s_kn, s_pk, q_base, part_base, h, pid_c
 
 @triton.jit
 def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC, LOGITS, s_gq, offs_cb, offs_d,
-              d_ok, scale, half_s2, DROPPED: tl.constexpr, STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
+              d_ok, scale, half_s2, CSCALE_ROW, FP8: tl.constexpr, DROPPED: tl.constexpr,
+              STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
               NATIVE: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr, BLOCK_Q: tl.constexpr,
               BLOCK_C: tl.constexpr):
     """Online log-sum-exp (m, s) of a query tile over the clusters c0 .. c0 + BLOCK_C (those < hi; with DROPPED
@@ -198,7 +210,7 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
     sel = offs_c < hi
     if DROPPED:
         sel = sel & (tl.load(KEEPC + offs_c, mask=sel, other=1) == 0)
-    cent = _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+    cent = _dequant(_load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE), CSCALE_ROW, offs_d, d_ok, FP8)
     logn = tl.log(tl.load(SIZES + offs_c, mask=sel, other=1).to(tl.float32))
     logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
     logits = _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD)
@@ -209,15 +221,16 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
 
 @triton.jit
 def _lse_kernel(
-    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K,
+    Q, C, SIZES, KEEPC, COFF, ALLOWED, PART, LOGITS, SPREAD, K, CSCALE,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_pb, s_ph, s_pk, s_gb, s_gh, s_gq, s_vh,
-    s_akh, s_akn,
+    s_akh, s_akn, s_xsh,
     HK, NQ, NC, NCC, Q_PER_PROG, scale, half_s2, NB, N, SINK, WINDOW,
     BY_PARENT: tl.constexpr,  # program = GROUP coarse clusters, their fine clusters active when kept; writes ALLOWED
     GROUP: tl.constexpr, DROPPED: tl.constexpr,  # DROPPED: block of coarse clusters, selecting KEEPC == 0
     STORE_LOGITS: tl.constexpr, ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
+    FP8: tl.constexpr,  # C holds 8-bit centroids, CSCALE [Hk, D] their per-dimension scales
     ALWAYS: tl.constexpr,  # one more program per (query chunk, b * h), pid_c == NB: the always-attended keys
     PDL: tl.constexpr = 0,
 ):
@@ -263,13 +276,15 @@ def _lse_kernel(
                 if active > 0:
                     for c0 in range(lo, hi, BLOCK_C):
                         m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h,
-                                         keepc_h, logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED,
+                                         keepc_h, logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2,
+                                         CSCALE + h * s_xsh, FP8, DROPPED,
                                          STORE_LOGITS, ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
         else:  # GROUP consecutive blocks: one straight loop, so the compiler can pipeline the centroid loads
             hi = tl.minimum(g_hi * BLOCK_C, NC)
             for c0 in range(g_lo * BLOCK_C, hi, BLOCK_C):
                 m, s = _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, c_h, s_cc, sizes_h, spread_h, keepc_h,
-                                 logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, DROPPED, STORE_LOGITS,
+                                 logits_h, s_gq, offs_cb, offs_d, d_ok, scale, half_s2, CSCALE + h * s_xsh, FP8,
+                                 DROPPED, STORE_LOGITS,
                                  ROWWISE, NATIVE, PRECISION, HAS_SPREAD, BLOCK_Q, BLOCK_C)
         tl.store(PART + b * s_pb + h * s_ph + pid_c * s_pk + offs_q, _finish_lse(m, s),
                  mask=q_ok & (offs_q * 0 + pid_c < NB))
@@ -278,6 +293,7 @@ def _lse_kernel(
 @triton.jit
 def _prob_kernel(
     Q, C, SIZES, KEEPC, COFF, ALLOWED, LOGZ, PART, PART2, THR, PSUM, KEEP, DPART, SEGLEN, LOGITS, SPREAD, FIXED, PROBS,
+    CSCALE, s_xsh,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_kb, s_kh, s_oh, s_ab, s_ah, s_zb, s_zh,
     s_pb, s_ph, s_pk, s_p2b, s_p2h, s_p2k, s_rb, s_rh, s_rq, s_eb, s_eh, s_db, s_dh, s_dk, s_gb, s_gh, s_gq,
     s_vh, s_fb, s_fh, s_xb, s_xh,
@@ -287,7 +303,7 @@ def _prob_kernel(
     WRITE_SEGLEN: tl.constexpr, LOAD_LOGITS: tl.constexpr, ROWWISE: tl.constexpr,
     NATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HAS_SPREAD: tl.constexpr,
-    HAS_FIXED: tl.constexpr,
+    HAS_FIXED: tl.constexpr, FP8: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
     """Sums over each query tile of exp(logit - log Z_q) into its own row PSUM[b, h, pid_q * NT + tile, c]
@@ -338,7 +354,8 @@ def _prob_kernel(
                         logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
                                          mask=q_ok[:, None] & sel[None, :], other=0.0)
                     else:
-                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE)
+                        cent = _dequant(_load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE),
+                                        CSCALE + h * s_xsh, offs_d, d_ok, FP8)
                         logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
                         logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
                     p = tl.exp(logits - logz[:, None])
@@ -365,7 +382,8 @@ def _prob_kernel(
                     if WRITE_DROPPED:  # block mode: this block's dropped clusters' log-normaliser
                         dropped = c_ok & ~keep
                         logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
+                        cent = _dequant(_load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE),
+                                        CSCALE + h * s_xsh, offs_d, d_ok, FP8)
                         for q0 in range(0, NQ, BLOCK_Q):
                             offs_q = q0 + offs_qb
                             qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .centroid_fp8 import dequantize_centroids
+
 __all__ = [
     "group_queries_ref",
     "compact_fine_ref",
@@ -155,6 +157,8 @@ def centroid_lookup_ref(
     fine_spread: torch.Tensor | None = None,
     coarse_spread: torch.Tensor | None = None,
     fixed_logz: torch.Tensor | None = None,
+    fine_centroid_scales: torch.Tensor | None = None,
+    coarse_centroid_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which fine clusters to keep, by coarse-then-fine centroid lookup.
 
@@ -170,6 +174,8 @@ def centroid_lookup_ref(
         hierarchical: False scores every fine centroid (flat lookup) and ignores the coarse level.
         fine_spread / coarse_spread: [Hk, Cf] / [Hk, Cc] per-dimension key variance of each cluster, or None.
         fixed_logz: [B, Hk, Q] exact log-normaliser of the always-attended keys (``always_logz_ref``), or None.
+        fine_centroid_scales / coarse_centroid_scales: [Hk, D] fp32 scales when the centroid table is float8
+            e4m3 (``centroid_fp8.quantize_centroids``): the lookup scores the dequantised table.
 
     The per-key probability estimate of cluster j for query q is exp(l_j) / Z_q with the logit
     l_j = s q.c_j (+ s^2 |q|^2 v_j / 2 with spreads) and Z_q = sum_k n_k exp(l_k) (+ exp(fixed_logz)); in
@@ -182,6 +188,10 @@ def centroid_lookup_ref(
     """
     if (fine_threshold is None) == (budget is None):
         raise ValueError("give exactly one of fine_threshold and budget")
+    if fine_centroid_scales is not None:
+        fine_centroids = dequantize_centroids(fine_centroids, fine_centroid_scales)
+    if coarse_centroid_scales is not None and hierarchical:
+        coarse_centroids = dequantize_centroids(coarse_centroids, coarse_centroid_scales)
     qf = q.float()
     b, hk, nq, d = qf.shape
     cf = fine_centroids.shape[1]

@@ -120,6 +120,17 @@ class Layer:
     fine_spread: torch.Tensor | None = None  # [Hk, Cf] float32
     coarse_spread: torch.Tensor | None = None
 
+    def fp8_tables(self) -> dict:
+        """The lookup's 8-bit centroid arguments (``kernels.centroid_fp8``), made once."""
+        if getattr(self, "_fp8", None) is None:
+            from .kernels.centroid_fp8 import quantize_centroids
+
+            f8, fsc = quantize_centroids(self.fine_centroids)
+            c8, csc = quantize_centroids(self.coarse_centroids)
+            self._fp8 = dict(fine_centroids=f8, coarse_centroids=c8, fine_centroid_scales=fsc,
+                             coarse_centroid_scales=csc)
+        return self._fp8
+
 
 def synthetic_layer(hk: int, n: int, d: int, dtype, device, cfg: BenchConfig, seed: int = 0) -> Layer:
     """A clustered layer: coarse centres, fine centres around them, keys around the fine centres."""
@@ -208,11 +219,12 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
 
 
 def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precision: str, estimate: str = "full",
-                 budgets=None, hierarchical: bool = True):
+                 budgets=None, hierarchical: bool = True, fp8: bool = False):
     """(whole step, lookup only) closures for the squeezed attention of q [1, Hq, T, D]; ``budgets``
     (fine, coarse) [1, Hk] selects by budget instead of the thresholds; ``hierarchical=False``: a flat
     lookup over every fine centroid (as the engine does in budget mode when the coarse budget covers at least
-    ``selection.FLAT_ABOVE`` of the clustered keys)."""
+    ``selection.FLAT_ABOVE`` of the clustered keys); ``fp8``: the lookup scores 8-bit centroid tables
+    (``Layer.fp8_tables``)."""
     from .kernels.lookup import centroid_lookup_positions
     from .kernels.positions import segment_lows
     from .kernels.sparse_attention import sparse_attention_positions
@@ -222,13 +234,16 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
     qg = q.reshape(b, hk, (hq // hk) * t, d)
     lows = segment_lows(layer.fine_offsets, n, layer.window)
     sel = (fthr, cthr, None, None) if budgets is None else (None, None, *budgets)
-    largs = (qg, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
+    tables = layer.fp8_tables() if fp8 else dict(fine_centroids=layer.fine_centroids,
+                                                  coarse_centroids=layer.coarse_centroids)
+    largs = (qg, tables["fine_centroids"], layer.fine_sizes, tables["coarse_centroids"], layer.coarse_sizes,
              layer.coarse_offsets, *sel, scale, hierarchical)
+    scales = {k: v for k, v in tables.items() if k.endswith("_scales")}
 
     def lookup():
         return centroid_lookup_positions(*largs, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink,
                                          window_tokens=layer.window, precision=precision,
-                                         **estimate_kwargs(layer, qg, scale, estimate))
+                                         **estimate_kwargs(layer, qg, scale, estimate), **scales)
 
     def step():
         _, _, pos, total = lookup()
