@@ -109,9 +109,9 @@ def main() -> None:
                     default = dict(lk.TUNING)
                     lookup = fns["fp8"][1]
                     rows = []
-                    for bc, w, tmax, progs in itertools.product((64, 128), (2, 4, 8), (8, 16), (512, 1024)):
+                    for bc, w, tmax, progs in itertools.product((64, 128), (2, 4), (2, 4, 8), (512, 1024)):
                         lk.TUNING.update(flat_block_c=bc, flat_warps_one_query=w, flat_warps=w,
-                                         flat_tiles_max=tmax, flat_programs=progs)
+                                         flat_tiles_max_fp8=tmax, flat_programs=progs)
                         try:
                             rows.append((timer(lookup), bc, w, tmax, progs))
                         except Exception as exc:  # out of resources

@@ -49,7 +49,8 @@ def _interpret() -> bool:
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
-          "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
+          "flat_programs": 512, "flat_tiles_max": 8, "flat_tiles_max_fp8": 4, "flat_warps": 2,
+          "flat_warps_one_query": 4,
           "decode_dot_min_q": 2, "many_path": "stationary"}
 FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
 # is "grouped" (this module's launches, kept to compare against in one benchmark run)
@@ -57,7 +58,9 @@ FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (looku
 # flat_block_c centroids (loads pipelined over flat_stages stages): in decode as many as keep about
 # flat_programs programs in flight (at most flat_tiles_max; the session-5 sweep's best at Llama-2-7B and
 # Llama-3-8B 128K, 8 and 2 blocks, both give 512), flat_warps warps (flat_warps_one_query with one query row
-# per KV head, where 2 warps spill); prefill keeps flat_tiles per program and block_warps.
+# per KV head, where 2 warps spill); prefill keeps flat_tiles per program and block_warps. An 8-bit table
+# (centroid_fp8.py) caps the blocks per program at flat_tiles_max_fp8: half the bytes per block, so 4 blocks
+# read what 8 do at 16 bits (session-11 sweep, docs/bench/README.md).
 
 
 class _Level:
@@ -67,12 +70,15 @@ class _Level:
     def __init__(self, q, cent, sizes, scale, precision, coff=None, spread=None, flat_fine=False, cscale=None):
         self.q, self.cent, self.sizes, self.scale, self.precision, self.coff = q, cent, sizes, scale, precision, coff
         self.spread = spread.float().contiguous() if spread is not None else None
-        self.fp8 = is_fp8(cent)  # 8-bit table: scores on CUDA cores or fp32 dots (never the 16-bit native dot)
+        self.fp8 = is_fp8(cent)  # 8-bit table: its power-of-two scales are folded into the queries
         self.cscale = cscale.float().contiguous() if self.fp8 else None
         self.b, self.hk, self.nq, self.d = q.shape
         self.nc = cent.shape[1]
         self.few = self.nq <= FEW_QUERIES  # decode: logits stored for the next launch, decode launch settings
-        sixteen = q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16)
+        # 16-bit native dot: queries and table of one 16-bit dtype, or bf16 queries and an 8-bit table (widened
+        # to bf16 in registers; fp16 queries times small scales could lose bits as fp16 subnormals)
+        sixteen = ((q.dtype == cent.dtype and q.dtype in (torch.bfloat16, torch.float16))
+                   or (self.fp8 and q.dtype == torch.bfloat16))
         # few queries score on CUDA cores row by row, or (16-bit, at least decode_dot_min_q of them) with one
         # tensor-core dot padded to 16 rows (H100, 128K: faster at 4 queries per KV head, slower at 1)
         dot = sixteen and self.nq >= TUNING["decode_dot_min_q"] and not _interpret()
@@ -100,7 +106,8 @@ class _Level:
             self.group = TUNING["flat_tiles"] if flat_fine else 1
             if flat_decode:
                 per = self.ncc * self.b * self.hk // TUNING["flat_programs"]
-                self.group = min(TUNING["flat_tiles_max"], 1 << max(per, 1).bit_length() - 1)
+                tiles_max = TUNING["flat_tiles_max_fp8" if self.fp8 else "flat_tiles_max"]
+                self.group = min(tiles_max, 1 << max(per, 1).bit_length() - 1)
         if _interpret() and (coff is not None or flat_fine):
             self.group = 2
         self.nb = triton.cdiv(self.ncc, self.group)
@@ -244,7 +251,8 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     if hierarchical:
         _check_fp8(coarse_centroids, coarse_centroid_scales, "coarse")
     first = coarse_centroids if hierarchical else fine_centroids
-    if always_keys is not None and always_keys[0].dtype != first.dtype and not is_fp8(first):
+    scored_as = q.dtype if is_fp8(first) else first.dtype  # an 8-bit table is scored in the queries' dtype
+    if always_keys is not None and always_keys[0].dtype != scored_as:
         from .always_logz import always_logz  # the launch scores keys as centroids: same dtype needed
 
         fixed_logz, always_keys = always_logz(q, *always_keys, scale), None

@@ -38,11 +38,24 @@ def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _dequant(cent, CSCALE_ROW, offs_d, d_ok, FP8: tl.constexpr):
-    """8-bit centroids (loaded as fp32 by ``_load_cent``) times their head's per-dimension scale row; others as
-    they are. (``centroid_fp8.quantize_centroids`` stores them; its ``dequantize_centroids`` is the twin.)"""
+def _scale_q(qv, CSCALE_ROW, offs_d, d_ok, FP8: tl.constexpr):
+    """With an 8-bit centroid table: the query tile times the head's per-dimension scales, so that
+    q.c = (q * scale).table. The scales are powers of two (``centroid_fp8.quantize_centroids``), so the
+    product is exact in fp32 and bf16 and the 16-bit native dot stays exact."""
     if FP8:
-        res = cent * tl.load(CSCALE_ROW + offs_d, mask=d_ok, other=0.0)[None, :]
+        sc = tl.load(CSCALE_ROW + offs_d, mask=d_ok, other=0.0)
+        res = (qv.to(tl.float32) * sc[None, :]).to(qv.dtype)
+    else:
+        res = qv
+    return res
+
+
+@triton.jit
+def _widen(cent, qv, FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """An 8-bit centroid tile in the queries' 16-bit dtype for the native dot (exact: e4m3 is a subset of
+    bf16); otherwise as ``_load_cent`` gave it (fp32 unless NATIVE)."""
+    if FP8 and NATIVE:
+        res = cent.to(qv.dtype)
     else:
         res = cent
     return res
@@ -210,7 +223,7 @@ def _lse_tile(m, s, c0, hi, qv, qn2, offs_q, q_ok, C, s_cc, SIZES, SPREAD, KEEPC
     sel = offs_c < hi
     if DROPPED:
         sel = sel & (tl.load(KEEPC + offs_c, mask=sel, other=1) == 0)
-    cent = _dequant(_load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE), CSCALE_ROW, offs_d, d_ok, FP8)
+    cent = _widen(_load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE), qv, FP8, NATIVE)
     logn = tl.log(tl.load(SIZES + offs_c, mask=sel, other=1).to(tl.float32))
     logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
     logits = _add_spread(logits, SPREAD, offs_c, sel, qn2, half_s2, HAS_SPREAD)
@@ -267,7 +280,8 @@ def _lse_kernel(
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
-        qn2 = _qnorm2(qv)
+        qn2 = _qnorm2(qv)  # (of q itself: the variance term's factor)
+        qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
         if BY_PARENT:
@@ -340,6 +354,7 @@ def _prob_kernel(
         logz = tl.where(q_ok, logz, 0.0)
         qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
         qn2 = _qnorm2(qv)
+        qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
         for g in range(g_lo, g_hi):
             lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
@@ -354,8 +369,8 @@ def _prob_kernel(
                         logits = tl.load(LOGITS + b * s_gb + h * s_gh + offs_q[:, None] * s_gq + offs_c[None, :],
                                          mask=q_ok[:, None] & sel[None, :], other=0.0)
                     else:
-                        cent = _dequant(_load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE),
-                                        CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+                        cent = _widen(_load_cent(C + h * s_ch, s_cc, offs_c, sel, offs_d, d_ok, NATIVE), qv,
+                                      FP8, NATIVE)
                         logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
                         logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, sel, qn2, half_s2, HAS_SPREAD)
                     p = tl.exp(logits - logz[:, None])
@@ -382,14 +397,15 @@ def _prob_kernel(
                     if WRITE_DROPPED:  # block mode: this block's dropped clusters' log-normaliser
                         dropped = c_ok & ~keep
                         logn = tl.log(tl.load(SIZES + h * s_sh + offs_c, mask=c_ok, other=1).to(tl.float32))
-                        cent = _dequant(_load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE),
-                                        CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+                        cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
                         for q0 in range(0, NQ, BLOCK_Q):
                             offs_q = q0 + offs_qb
                             qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
-                            logits = _scores(qv, cent, scale, BLOCK_Q, BLOCK_C, ROWWISE, NATIVE, PRECISION)
-                            logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, c_ok, _qnorm2(qv), half_s2,
-                                                 HAS_SPREAD)
+                            qn2 = _qnorm2(qv)
+                            qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+                            logits = _scores(qv, _widen(cent, qv, FP8, NATIVE), scale, BLOCK_Q, BLOCK_C, ROWWISE,
+                                             NATIVE, PRECISION)
+                            logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, c_ok, qn2, half_s2, HAS_SPREAD)
                             t = tl.where(dropped[None, :], logits + logn[None, :], float("-inf"))
                             mx = _max(t, axis=1)
                             mx = tl.where(mx == float("-inf"), 0.0, mx)

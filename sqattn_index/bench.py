@@ -135,6 +135,7 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
     rows = []
     row = lambda **kw: dict(shape=shape, context=n, device=device_name, copy_gbps=copy_gbps,  # noqa: E731
                             lookup="flat" if cfg.flat_decode and kw["phase"].startswith("decode") else "hierarchical",
+                            centroids="fp8" if cfg.fp8_centroids and kw["phase"].startswith("decode") else "bf16",
                             **kw)
     for phase, t in (("decode", 1), ("prefill", cfg.prefill_tokens)):
         q = make_queries(layer, hq, t, seed=t)
@@ -150,12 +151,13 @@ def run_shape_context(shape: str, n: int, cfg: BenchConfig, timer: Timer, copy_g
             if cfg.selection == "budget":
                 fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
                 budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
-            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate, budgets, hier)
+            fp8 = cfg.fp8_centroids and phase == "decode"
+            step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, precision, cfg.estimate, budgets, hier, fp8)
             keep_mask, read, pos, total = lookup()
             kept = int(total.sum())
             kv_bytes = kept * kv_row
             spread_bytes = 4 if cfg.estimate == "full" else 0
-            cent_bytes = int(read.sum()) * (d * layer.fine_centroids.element_size() + spread_bytes)
+            cent_bytes = int(read.sum()) * (d * (1 if fp8 else layer.fine_centroids.element_size()) + spread_bytes)
             if n <= 32768 and shape == cfg.shapes[0]:  # spot check against the torch reference
                 out, _ = step()
                 s, e, c = ranges_from_mask_ref(keep_mask, layer.fine_offsets, n, layer.sink, layer.window)
@@ -270,6 +272,8 @@ def parse_args(argv) -> BenchConfig:
                    help="lookup decisions: calibrated thresholds in-kernel, or top clusters by budget (torch sort)")
     p.add_argument("--flat-decode", action="store_true",
                    help="decode rows with a flat lookup over every fine centroid (prefill stays hierarchical)")
+    p.add_argument("--fp8-centroids", action="store_true",
+                   help="decode rows: the lookup scores 8-bit centroid tables (SqueezeConfig.centroid_precision)")
     p.add_argument("--estimate", choices=("full", "plain"), default=BenchConfig.estimate,
                    help="lookup estimate: full (variance term + exact sink/window normaliser, as the engine) or "
                         "plain (centroid only)")
@@ -280,7 +284,7 @@ def parse_args(argv) -> BenchConfig:
     return BenchConfig(contexts=a.contexts, keeps=a.keeps, shapes=a.shapes, prefill_tokens=a.prefill_tokens,
                        reps=a.reps, clustering=a.clustering, out=a.out, device=a.device,
                        sweep=a.sweep, profile=a.profile, append=a.append, estimate=a.estimate,
-                       selection=a.selection, flat_decode=a.flat_decode)
+                       selection=a.selection, flat_decode=a.flat_decode, fp8_centroids=a.fp8_centroids)
 
 
 def main(argv=None) -> int:

@@ -208,6 +208,7 @@ def graphed_rows(local, corpus, n, question, keep, steps, reps, shape, layers, d
         f"{static_toks == gt}; max |dlogit| over the {len(diffs)} steps with equal inputs {max(diffs):.4g}")
     d, s = res["dense"]["decode"] * 1e3, res["squeezed"]["decode"] * 1e3
     rows.append({"phase": "e2e_decode_graph", "shape": shape, "context": n, "keep": keep, "layers": layers,
+                 "centroids": CENTROIDS,
                  "dense_ms": d, "squeezed_ms": s, "speedup": d / s, "kv_budget": float(res["squeezed"]["budget"]),
                  "budget_slack": BUDGET_SLACK, "selection": SELECTION, "hierarchical": HIERARCHICAL,
                  "compiled_common": COMPILE,
@@ -220,11 +221,13 @@ SELECTION = "budget"  # the engine's default (SqueezeConfig.selection); --select
 BUDGET_SLACK = 0.0  # --budget-slack: the budget search may stop at (1 + this) x the budget (SqueezeConfig)
 HIERARCHICAL = True  # --flat: one lookup level over every fine centroid (SqueezeConfig.hierarchical=False)
 COMPILE = False  # --compile-common: torch.compile the layer parts both sides share (compile_common)
+CENTROIDS = "model"  # --fp8-centroids: decode lookups score 8-bit tables (SqueezeConfig.centroid_precision)
 
 
 def _spec(keep: float) -> SelectionSpec:
     """The benchmark's selection at ``keep`` (1.0: dense), with the command line's mode and budget slack."""
-    return SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK, hierarchical=HIERARCHICAL)
+    return SelectionSpec(keep=keep, mode=SELECTION, budget_slack=BUDGET_SLACK, hierarchical=HIERARCHICAL,
+                         centroid_precision=CENTROIDS)
 
 
 def profile_decode(local, corpus, n, question, keep, log) -> None:
@@ -330,6 +333,7 @@ def run_shape(shape: str, contexts: list[int], layers: int, keep: float, steps: 
         for phase, key in (("e2e_ttft", "ttft"), ("e2e_decode", "decode")):
             d, s = res["dense"][key] * 1e3, res["squeezed"][key] * 1e3
             rows.append({"phase": phase, "shape": shape, "context": n, "keep": keep, "layers": layers,
+                         "centroids": CENTROIDS,
                          "dense_ms": d, "squeezed_ms": s, "speedup": d / s,
                          "kv_budget": float(res["squeezed"]["budget"]), "budget_slack": BUDGET_SLACK,
                          "selection": SELECTION, "hierarchical": HIERARCHICAL, "compiled_common": COMPILE,
@@ -373,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flat", action="store_true", help="flat lookup (every fine centroid, no coarse level)")
     ap.add_argument("--compile-common", action="store_true",
                     help="torch.compile the norms, MLP and rotary parts of both sides (not attention)")
+    ap.add_argument("--fp8-centroids", action="store_true",
+                    help="decode lookups score 8-bit centroid tables (SqueezeConfig.centroid_precision='fp8')")
     args = ap.parse_args(argv)
-    global PROFILE, GRAPHS, SELECTION, BUDGET_SLACK, HIERARCHICAL, COMPILE
+    global PROFILE, GRAPHS, SELECTION, BUDGET_SLACK, HIERARCHICAL, COMPILE, CENTROIDS
     HIERARCHICAL, COMPILE = not args.flat, args.compile_common
+    CENTROIDS = "fp8" if args.fp8_centroids else "model"
     PROFILE, GRAPHS, SELECTION = args.profile, args.graphs, args.selection
     BUDGET_SLACK = args.budget_slack
     device = torch.device("cuda")

@@ -37,6 +37,7 @@ class BenchConfig:
     estimate: str = "full"  # "full": variance term + exact sink/window normaliser (the engine's); "plain"
     selection: str = "threshold"  # "threshold": in-kernel decisions; "budget": top clusters (torch sort)
     flat_decode: bool = False  # decode rows: flat lookup over every fine centroid (prefill stays hierarchical)
+    fp8_centroids: bool = False  # decode rows: the lookup scores 8-bit centroid tables (kernels/centroid_fp8.py)
     clustering: bool = True
     sweep: bool = False  # time launch settings of the sparse kernel at the first context, keep 0.1
     profile: bool = False  # print a per-kernel profile of the squeezed step at the first context, keep 0.1

@@ -49,6 +49,8 @@ def _config(args):
         kwargs["selection"] = args.selection
     if getattr(args, "backend", None):
         kwargs["backend"] = args.backend
+    if getattr(args, "centroid_precision", None):
+        kwargs["centroid_precision"] = args.centroid_precision
     if getattr(args, "flat", False):
         kwargs["hierarchical"] = False
     return SqueezeConfig(**kwargs)
@@ -280,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--selection", choices=("threshold", "budget"), default=None)
         sp.add_argument("--backend", choices=("auto", "torch", "triton"), default=None)
+        sp.add_argument("--centroid-precision", choices=("model", "fp8"), default=None,
+                        help="fp8: decode lookups score 8-bit centroid tables (default: model)")
         sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
     sp = sub.add_parser("build", help="build an index from files or folders")

@@ -36,6 +36,7 @@ class SqueezeConfig:
     budget_slack: float = 0.0  # budget, Triton: the search may stop once it keeps <= (1 + this) x the budget
     variance_term: bool = True  # estimate adds s^2 |q|^2 v_c / 2 per cluster (v_c: key variance), docs/eval
     always_in_normaliser: bool = True  # estimate's normaliser includes the exact sink + window terms
+    centroid_precision: str = "model"  # "fp8": decode lookups score 8-bit centroid tables (kernels/centroid_fp8.py)
     backend: str = "auto"  # "auto" (triton on CUDA, torch elsewhere), "torch", "triton"
     cuda_graphs: bool = True  # CUDA + triton: decode steps replay one captured CUDA graph (graph_decode.py)
     extra: dict = field(default_factory=dict)
@@ -59,6 +60,9 @@ class SqueezeConfig:
                 raise ConfigError(f"keep_ladder entries must lie in (0, 1); got {k!r}. Use 1.0 for dense at query time.")
         if self.selection not in ("threshold", "budget"):
             raise ConfigError(f"selection must be 'threshold' or 'budget'; got {self.selection!r}.")
+        if self.centroid_precision not in ("model", "fp8"):
+            raise ConfigError(f"centroid_precision must be 'model' (the index's centroid dtype) or 'fp8' (8-bit "
+                              f"tables for decode lookups); got {self.centroid_precision!r}.")
         if self.backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"backend must be 'auto', 'torch' or 'triton'; got {self.backend!r}.")
         if not 0.0 <= self.recluster_share <= 1.0:

@@ -105,6 +105,19 @@ class LayerKV:
         return LayerKV(**moved, sink_tokens=self.sink_tokens, window_tokens=self.window_tokens,
                        keep_ladder=self.keep_ladder)
 
+    def fp8_tables(self) -> dict[str, torch.Tensor]:
+        """The lookup's 8-bit centroid arguments (``kernels.centroid_fp8``: float8 e4m3 tables and their
+        power-of-two scales), made on first use and kept with the layer (``to`` makes a new layer)."""
+        cached = self.__dict__.get("_fp8")
+        if cached is None:
+            from .kernels.centroid_fp8 import quantize_centroids
+
+            f8, fsc = quantize_centroids(self.fine_centroids)
+            c8, csc = quantize_centroids(self.coarse_centroids)
+            cached = self.__dict__["_fp8"] = dict(fine_centroids=f8, coarse_centroids=c8,
+                                                  fine_centroid_scales=fsc, coarse_centroid_scales=csc)
+        return cached
+
     def check(self) -> None:
         """Internal invariants of the layout (raise AssertionError on a programming error)."""
         hk, n, d = self.keys.shape

@@ -160,6 +160,11 @@ def _token_bytes(layer) -> int:
     return 2 * layer.head_dim * layer.keys.element_size()
 
 
+def _per_head(query: torch.Tensor, layer) -> int:
+    """Grouped queries per KV head of a lookup over query [B, Hq, T, D]."""
+    return (query.shape[1] // layer.num_kv_heads) * query.shape[2]
+
+
 class SqueezedCache(Cache):
     """A transformers ``Cache`` over a precomputed ``CorpusKV``: fixed KV read sparsely, new tokens densely.
 
@@ -237,7 +242,8 @@ class SqueezedCache(Cache):
         q_sel = query[0].transpose(0, 1).unsqueeze(2) if split else query  # [T, Hq, 1, D] when split
         sel = select_ranges(layer, q_sel, self.spec, self.ops, scale)
         self._count(layer, q_sel.shape[0],
-                    sel.tokens_read * _token_bytes(layer) + sel.centroids_read * centroid_bytes(layer, self.spec))
+                    sel.tokens_read * _token_bytes(layer)
+                    + sel.centroids_read * centroid_bytes(layer, self.spec, _per_head(q_sel, layer)))
         out_f, lse_f = self.ops.sparse_attention(q_sel, layer.keys, layer.values, sel.starts, sel.ends,
                                                  sel.counts, scale)
         if split:
@@ -258,7 +264,8 @@ class SqueezedCache(Cache):
         from .kernels.fused_attention import sparse_attention_with_new_tokens
 
         token_bytes = _token_bytes(layer)
-        counter = (self._bytes, token_bytes, centroid_bytes(layer, self.spec), layer.num_tokens * token_bytes)
+        counter = (self._bytes, token_bytes, centroid_bytes(layer, self.spec, _per_head(query, layer)),
+                   layer.num_tokens * token_bytes)
         pos, total = select_positions(layer, query, self.spec, scale, counter=counter)
         if self.spec.dense:
             self._count(layer, query.shape[0])

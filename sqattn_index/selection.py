@@ -15,6 +15,8 @@ from .config import SqueezeConfig, check_keep
 from .corpus_kv import LayerKV
 from .kernels.reference import always_logz_ref, group_queries_ref
 
+FEW_QUERIES = 16  # the lookup's decode-sized query count (``kernels.lookup.FEW_QUERIES``)
+
 __all__ = ["SelectionSpec", "Selection", "select_ranges"]
 
 
@@ -29,12 +31,19 @@ class SelectionSpec:
     variance_term: bool = True
     always_in_normaliser: bool = True
     budget_slack: float = 0.0  # Triton budget search only (the torch path is exact, which is within the bound)
+    centroid_precision: str = "model"  # "fp8": lookups of few queries (decode) score 8-bit centroid tables
 
     @classmethod
     def from_config(cls, keep: float, config: SqueezeConfig) -> "SelectionSpec":
         return cls(keep=check_keep(keep), mode=config.selection, hierarchical=config.hierarchical,
                    coarse_slack=config.coarse_slack, variance_term=config.variance_term,
-                   always_in_normaliser=config.always_in_normaliser, budget_slack=config.budget_slack)
+                   always_in_normaliser=config.always_in_normaliser, budget_slack=config.budget_slack,
+                   centroid_precision=config.centroid_precision)
+
+    def fp8_for(self, queries_per_head: int) -> bool:
+        """Whether a lookup of this many grouped queries per KV head scores the 8-bit tables: decode-sized
+        lookups only (the many-query kernels score 16-bit tables on tensor cores)."""
+        return self.centroid_precision == "fp8" and queries_per_head <= FEW_QUERIES
 
     @property
     def dense(self) -> bool:
@@ -94,10 +103,19 @@ def _selection_args(layer: LayerKV, spec: SelectionSpec, b: int):
     return (None, None) + args + (hierarchical,)
 
 
-def centroid_bytes(layer: LayerKV, spec: SelectionSpec) -> int:
-    """Bytes read per centroid scored: the centroid, plus its fp32 spread when the variance term is on."""
+def centroid_bytes(layer: LayerKV, spec: SelectionSpec, queries_per_head: int = 1) -> int:
+    """Bytes read per centroid scored: the centroid (one byte per dimension from an 8-bit table), plus its
+    fp32 spread when the variance term is on."""
     spread = 4 if spec.variance_term and layer.fine_spread is not None else 0
-    return layer.head_dim * layer.fine_centroids.element_size() + spread
+    size = 1 if spec.fp8_for(queries_per_head) else layer.fine_centroids.element_size()
+    return layer.head_dim * size + spread
+
+
+def centroid_tables(layer: LayerKV, spec: SelectionSpec, queries_per_head: int) -> dict:
+    """The lookup's centroid keyword arguments: the layer's tables, or its 8-bit ones with their scales."""
+    if spec.fp8_for(queries_per_head):
+        return layer.fp8_tables()
+    return dict(fine_centroids=layer.fine_centroids, coarse_centroids=layer.coarse_centroids)
 
 
 def estimate_args(layer: LayerKV, grouped: torch.Tensor, scale: float, variance_term: bool,
@@ -139,10 +157,11 @@ def select_positions(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, scale
     if spec.always_in_normaliser:  # computed inside the lookup's first launch
         terms["always_keys"] = (layer.keys, layer.sink_tokens, layer.window_tokens)
     _, _, pos, total = centroid_lookup_positions(
-        grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids,
-        layer.coarse_sizes, layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale,
-        hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
-        window_tokens=layer.window_tokens, counter=counter, budget_slack=spec.budget_slack, **terms)
+        grouped, fine_sizes=layer.fine_sizes, coarse_sizes=layer.coarse_sizes, coarse_offsets=layer.coarse_offsets,
+        fine_threshold=fine_thr, coarse_threshold=coarse_thr, budget=budget, coarse_budget=coarse_budget,
+        scale=scale, hierarchical=hierarchical, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink_tokens,
+        window_tokens=layer.window_tokens, counter=counter, budget_slack=spec.budget_slack, **terms,
+        **centroid_tables(layer, spec, grouped.shape[2]))
     return pos, total
 
 
@@ -159,10 +178,11 @@ def select_ranges(layer: LayerKV, q: torch.Tensor, spec: SelectionSpec, ops, sca
     grouped = group_queries_ref(q, hk)  # [B, Hk, G*T, D]
     fine_thr, coarse_thr, budget, coarse_budget, hierarchical = _selection_args(layer, spec, b)
     keep_mask, read = ops.centroid_lookup(
-        grouped, layer.fine_centroids, layer.fine_sizes, layer.coarse_centroids, layer.coarse_sizes,
-        layer.coarse_offsets, fine_thr, coarse_thr, budget, coarse_budget, scale, hierarchical,
+        grouped, fine_sizes=layer.fine_sizes, coarse_sizes=layer.coarse_sizes, coarse_offsets=layer.coarse_offsets,
+        fine_threshold=fine_thr, coarse_threshold=coarse_thr, budget=budget, coarse_budget=coarse_budget,
+        scale=scale, hierarchical=hierarchical,
         **estimate_args(layer, grouped, scale, spec.variance_term, spec.always_in_normaliser,
-                        getattr(ops, "always_logz", always_logz_ref)))
+                        getattr(ops, "always_logz", always_logz_ref)), **centroid_tables(layer, spec, grouped.shape[2]))
     starts, ends, counts = ops.ranges_from_mask(keep_mask, layer.fine_offsets, n, layer.sink_tokens,
                                                 layer.window_tokens)
     # Kept as device tensors: no host sync per layer and step (the budget is read once, at the end).

@@ -28,6 +28,9 @@ def test_quantize_round_trip_per_dimension():
     table, scales = quantize_centroids(c)
     assert table.dtype == FP8 and scales.shape == (3, 16) and scales.dtype == torch.float32
     assert float(table.float().abs().amax()) <= FP8_MAX
+    assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))  # powers of two: folded into q exactly
+    top = table.float().abs().amax(dim=1)[c.abs().amax(dim=1) > 0]
+    assert bool(((top > FP8_MAX / 2) & (top <= FP8_MAX)).all())  # every dimension uses the top binade
     back = dequantize_centroids(table, scales)
     rel = (back - c).abs() / c.abs().clamp_min(1e-30)
     big = c.abs() > 0.05 * c.abs().amax(dim=1, keepdim=True)  # normal range of e4m3: 3 mantissa bits
@@ -46,8 +49,8 @@ def test_quantize_rejects_bad_input():
         dequantize_centroids(table, scales[:1])
 
 
-def _case(b, hk, nq, d, n, cc, seed):
-    (q, fc, fs, ccent, cs, co, fo, keys), layout = make_lookup_case(b, hk, nq, d, n, cc, "bf16", seed=seed)
+def _case(b, hk, nq, d, n, cc, seed, dt="bf16"):
+    (q, fc, fs, ccent, cs, co, fo, keys), layout = make_lookup_case(b, hk, nq, d, n, cc, dt, seed=seed)
     f8, fsc = quantize_centroids(fc)
     c8, csc = quantize_centroids(ccent)
     # the reference's numbers are those of the dequantised tables
@@ -55,18 +58,19 @@ def _case(b, hk, nq, d, n, cc, seed):
     return (q, fs, cs, co, fo, keys), (f8, fsc, c8, csc), (fdq, cdq), layout
 
 
-FP8_CASES = [  # b, hk, Q, D, N, Cc, hierarchical
-    pytest.param(1, 2, 4, 64, 400, 4, False, id="decode-G4-D64-flat"),
-    pytest.param(2, 2, 1, 128, 500, 5, False, id="decode-G1-D128-flat"),
-    pytest.param(2, 2, 4, 128, 400, 4, True, id="decode-G4-D128-hier"),
-    pytest.param(1, 2, 24, 64, 450, 3, True, id="prefill-Q24-hier-many-query-path"),
+FP8_CASES = [  # b, hk, Q, D, N, Cc, hierarchical, query dtype (bf16 with Q >= 2: the native dot on a GPU)
+    pytest.param(1, 2, 4, 64, 400, 4, False, "bf16", id="decode-G4-D64-flat"),
+    pytest.param(2, 2, 1, 128, 500, 5, False, "bf16", id="decode-G1-D128-flat"),
+    pytest.param(2, 2, 4, 128, 400, 4, True, "bf16", id="decode-G4-D128-hier"),
+    pytest.param(1, 2, 4, 64, 400, 4, False, "fp16", id="decode-G4-D64-flat-fp16"),
+    pytest.param(1, 2, 24, 64, 450, 3, True, "bf16", id="prefill-Q24-hier-many-query-path"),
 ]
 
 
 @pytest.mark.parametrize("mode", ["threshold", "budget"])
-@pytest.mark.parametrize("b,hk,nq,d,n,cc,hier", FP8_CASES)
-def test_lookup_on_fp8_centroids_matches_ref(b, hk, nq, d, n, cc, hier, mode):
-    (q, fs, cs, co, _, _), (f8, fsc, c8, csc), (fdq, cdq), _ = _case(b, hk, nq, d, n, cc, seed=5 + nq + d + b)
+@pytest.mark.parametrize("b,hk,nq,d,n,cc,hier,dt", FP8_CASES)
+def test_lookup_on_fp8_centroids_matches_ref(b, hk, nq, d, n, cc, hier, dt, mode):
+    (q, fs, cs, co, _, _), (f8, fsc, c8, csc), (fdq, cdq), _ = _case(b, hk, nq, d, n, cc, 5 + nq + d + b, dt)
     scale = d ** -0.5
     if mode == "threshold":
         sel, fprobs, _ = threshold_selection(q, fdq, fs, cdq, cs, co, scale, hier)
@@ -95,6 +99,7 @@ def test_fp8_positions_with_always_keys_in_the_launch(hier):
     b, hk, nq, d, n = 2, 2, 4, 64, 900
     (q, fs, cs, co, fo, keys), (f8, fsc, c8, csc), (fdq, cdq), (sink, window, _) = _case(b, hk, nq, d, n, 4, 17)
     scale = d ** -0.5
+    keys = keys.to(q.dtype)  # as the engine stores them (other dtypes: a separate normaliser launch)
     sel, _, _ = threshold_selection(q, fdq, fs, cdq, cs, co, scale, hier, coarse_frac=0.4, fine_frac=0.5)
     kw = dict(fine_centroid_scales=fsc, coarse_centroid_scales=csc)
     args8 = (q, f8, fs, c8, cs, co, *sel, scale, hier)

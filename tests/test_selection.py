@@ -221,3 +221,34 @@ def test_budget_lookup_goes_flat_when_the_coarse_budget_covers_most_keys(layer):
     assert cc * hk < int(hier.centroids_read) < hk * (cc + cf)
     for sel in (flat, hier):
         assert int(sel.tokens_read) >= keep * n * hk - hk  # the fine budget is met (or capped by the coarse one)
+
+
+def test_fp8_spec_scores_the_8bit_tables_in_decode_only(layer):
+    """centroid_precision="fp8": decode-sized lookups (<= 16 grouped queries per KV head) select with the
+    layer's 8-bit tables, exactly as the reference on the dequantised tables; larger lookups use the layer's
+    own tables. The bytes counted per centroid follow."""
+    from sqattn_index.config import ConfigError, SqueezeConfig
+    from sqattn_index.kernels.centroid_fp8 import FP8, dequantize_centroids
+    from sqattn_index.selection import centroid_bytes
+
+    lay = layer[0]
+    hk, n, d = lay.keys.shape
+    tables = lay.fp8_tables()
+    assert tables["fine_centroids"].dtype == FP8 and lay.fp8_tables() is tables  # made once
+    fdq = dequantize_centroids(tables["fine_centroids"], tables["fine_centroid_scales"])
+    cdq = dequantize_centroids(tables["coarse_centroids"], tables["coarse_centroid_scales"])
+    spec8 = SelectionSpec.from_config(0.2, SqueezeConfig(selection="budget", centroid_precision="fp8"))
+    spec16 = SelectionSpec(keep=0.2, mode="budget", centroid_precision="model")
+    assert spec8.centroid_precision == "fp8" and spec8.fp8_for(16) and not spec8.fp8_for(17)
+    g = torch.Generator().manual_seed(5)
+    for t, fp8_used in ((1, True), (12, False)):  # 2 x 1 = 2 and 2 x 12 = 24 grouped queries per KV head
+        q = 2 * torch.randn(1, hk * 2, t, d, generator=g)
+        sel8 = select_ranges(lay, q, spec8, OPS, d ** -0.5)
+        sel16 = select_ranges(lay, q, spec16, OPS, d ** -0.5)
+        dq = type(lay)(**{**lay.tensors(), "fine_centroids": fdq, "coarse_centroids": cdq},
+                       sink_tokens=lay.sink_tokens, window_tokens=lay.window_tokens, keep_ladder=lay.keep_ladder)
+        want = select_ranges(dq, q, spec16, OPS, d ** -0.5) if fp8_used else sel16
+        assert torch.equal(sel8.starts, want.starts) and torch.equal(sel8.ends, want.ends)
+    assert centroid_bytes(lay, spec8, 2) == d + 4 and centroid_bytes(lay, spec8, 24) == 4 * d + 4
+    with pytest.raises(ConfigError, match="centroid_precision"):
+        SqueezeConfig(centroid_precision="int4")
