@@ -106,18 +106,18 @@ def main() -> None:
                     log(f"  per-kernel profile, fp8 {mode} step:")
                     profile_step(fns["fp8"][0], log)
                 if a.sweep and mode == "threshold" and n == max(int(c) for c in a.contexts.split(",")):
-                    default = dict(lk.TUNING)
+                    default = dict(lk.TUNING_FP8)
                     lookup = fns["fp8"][1]
                     rows = []
                     for bc, w, tmax, progs in itertools.product((64, 128), (2, 4), (2, 4, 8), (512, 1024)):
-                        lk.TUNING.update(flat_block_c=bc, flat_warps_one_query=w, flat_warps=w,
-                                         flat_tiles_max_fp8=tmax, flat_programs=progs)
+                        lk.TUNING_FP8.update(flat_block_c=bc, flat_warps_one_query=w, flat_warps=w,
+                                             flat_tiles_max=tmax, flat_programs=progs)
                         try:
                             rows.append((timer(lookup), bc, w, tmax, progs))
                         except Exception as exc:  # out of resources
                             log(f"    sweep {bc} {w} {tmax} {progs}: {type(exc).__name__}")
-                    lk.TUNING.clear()
-                    lk.TUNING.update(default)
+                    lk.TUNING_FP8.clear()
+                    lk.TUNING_FP8.update(default)
                     rows.sort()
                     log("  fp8 lookup sweep at the last context (ms, block_c, warps, tiles_max, programs), best 6: "
                         + "; ".join(f"{r[0]:.4f} {r[1:]}" for r in rows[:6]))

@@ -49,8 +49,7 @@ def _interpret() -> bool:
 # parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
-          "flat_programs": 512, "flat_tiles_max": 8, "flat_tiles_max_fp8": 4, "flat_warps": 2,
-          "flat_warps_one_query": 4,
+          "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
           "decode_dot_min_q": 2, "many_path": "stationary"}
 FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
 # is "grouped" (this module's launches, kept to compare against in one benchmark run)
@@ -58,9 +57,10 @@ FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (looku
 # flat_block_c centroids (loads pipelined over flat_stages stages): in decode as many as keep about
 # flat_programs programs in flight (at most flat_tiles_max; the session-5 sweep's best at Llama-2-7B and
 # Llama-3-8B 128K, 8 and 2 blocks, both give 512), flat_warps warps (flat_warps_one_query with one query row
-# per KV head, where 2 warps spill); prefill keeps flat_tiles per program and block_warps. An 8-bit table
-# (centroid_fp8.py) caps the blocks per program at flat_tiles_max_fp8: half the bytes per block, so 4 blocks
-# read what 8 do at 16 bits (session-11 sweep, docs/bench/README.md).
+# per KV head, where 2 warps spill); prefill keeps flat_tiles per program and block_warps.
+TUNING_FP8 = {"flat_tiles_max": 4, "flat_warps_one_query": 2}
+# An 8-bit table (centroid_fp8.py) overrides these: half the bytes per block, so 4 blocks read what 8 do at
+# 16 bits, and one query row fits 2 warps without spilling (H100 sweep at 128K, docs/bench/session11/).
 
 
 class _Level:
@@ -88,10 +88,11 @@ class _Level:
             block_q = max(2, triton.next_power_of_2(self.nq))  # 1 row: fewer registers but slower (session 5)
         else:
             block_q = 16 if (_interpret() or self.few) else 64
-        block_c = 16 if (_interpret() or coff is not None) else TUNING["flat_block_c" if flat_fine else "block_c"]
+        tune = {**TUNING, **TUNING_FP8} if self.fp8 else TUNING
+        block_c = 16 if (_interpret() or coff is not None) else tune["flat_block_c" if flat_fine else "block_c"]
         flat_decode = flat_fine and self.few and not _interpret()
         if flat_decode:
-            warps = TUNING["flat_warps_one_query" if self.nq == 1 else "flat_warps"]
+            warps = tune["flat_warps_one_query" if self.nq == 1 else "flat_warps"]
         elif coff is None:
             warps = TUNING["block_warps"]
         else:
@@ -105,9 +106,8 @@ class _Level:
             self.ncc = triton.cdiv(max(self.nc, 1), block_c)
             self.group = TUNING["flat_tiles"] if flat_fine else 1
             if flat_decode:
-                per = self.ncc * self.b * self.hk // TUNING["flat_programs"]
-                tiles_max = TUNING["flat_tiles_max_fp8" if self.fp8 else "flat_tiles_max"]
-                self.group = min(tiles_max, 1 << max(per, 1).bit_length() - 1)
+                per = self.ncc * self.b * self.hk // tune["flat_programs"]
+                self.group = min(tune["flat_tiles_max"], 1 << max(per, 1).bit_length() - 1)
         if _interpret() and (coff is not None or flat_fine):
             self.group = 2
         self.nb = triton.cdiv(self.ncc, self.group)
