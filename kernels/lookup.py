@@ -467,8 +467,6 @@ def centroid_lookup_positions(
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
                                       counter=counter, excl=excl, blocksum=blocksum)
-    if read is None:
-        read = _read(None, b, hk, fine_centroids.shape[1], 0, q.device)
     return keep, read, pos, total
 
 

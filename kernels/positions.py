@@ -79,17 +79,16 @@ def _positions_kernel(
     SEGLEN, LOWS, POS, TOTAL, ALLOWED, READ, COUNT, EXCL, BLOCKSUM,
     s_eb, s_eh, s_lb, s_lh, s_pb, s_ph, s_ab, s_ah, s_xb, s_xh, s_bb, s_bh,
     HK, R, NA, NCC, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
-    HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BLOCKSUM: tl.constexpr,
+    HAS_ALLOWED: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BLOCKSUM: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
-    """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and,
-    with HAS_READ, READ[b, h] = NCC + number of allowed fine clusters. Program (s, b*h) owns BLOCK_S segments
+    """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and
+    READ[b, h] = the centroids scored: NCC, plus the allowed fine clusters with HAS_ALLOWED. Program (s, b*h) owns BLOCK_S segments
     and sums the lengths before them itself (no second pass), or with HAS_EXCL reads their exclusive prefix
     sums from EXCL (written by the budget search), or with HAS_BLOCKSUM sums the kept keys of the blocks
     before it from BLOCKSUM (one entry per BLOCK_S segments, written by ``decide.decide_from_logits``).
-    With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES + centroids scored (READ, or NCC
-    without HAS_READ) * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and
+    With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES + READ * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and
     order-free)."""
     chain_enter(PDL)
     pid_s = tl.program_id(0)
@@ -123,25 +122,24 @@ def _positions_kernel(
     if start + BLOCK_S >= R:  # last block
         kept = _max(tl.where(ok, excl + ln, 0), axis=0) + tl.full([1], 0, tl.int32)  # the last segment's end
         cents = tl.full([1], 0, tl.int64) + NCC
-        if HAS_READ:
+        if HAS_ALLOWED:
             n = _sum(tl.full([BLOCK_P], 0, tl.int32), axis=0)
             for k0 in range(0, NA, BLOCK_P):
                 kk = k0 + offs_p
                 n += _sum(tl.load(ALLOWED + b * s_ab + h * s_ah + kk, mask=kk < NA, other=0).to(tl.int32), axis=0)
             cents += n.to(tl.int64)
-        _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES, HAS_READ,
-                     HAS_COUNT)
+        _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES, HAS_COUNT)
 
 
 @triton.jit
 def _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTES, DENSE_BYTES,
-                 HAS_READ: tl.constexpr, HAS_COUNT: tl.constexpr):
-    """Per (b, h) after its positions: TOTAL = kept keys [1] int32; with HAS_READ, READ = centroids scored
-    [1] int64; with HAS_COUNT, COUNT[0] += kept * TOKEN_BYTES + cents * CENT_BYTES and COUNT[1] +=
+                 HAS_COUNT: tl.constexpr):
+    """Per (b, h) after its positions: TOTAL = kept keys [1] int32; READ = centroids scored [1] int64 (the
+    flat lookup's constant too: a fill launch of its own would sit between this kernel and the attention
+    and break the launch overlap); with HAS_COUNT, COUNT[0] += kept * TOKEN_BYTES + cents * CENT_BYTES and COUNT[1] +=
     DENSE_BYTES (int64 atomics: exact and order-free)."""
     tl.store(TOTAL + pid_bh + tl.arange(0, 1), kept)
-    if HAS_READ:
-        tl.store(READ + pid_bh + tl.arange(0, 1), cents)
+    tl.store(READ + pid_bh + tl.arange(0, 1), cents)
     if HAS_COUNT:
         tl.atomic_add(COUNT + tl.arange(0, 1), kept.to(tl.int64) * TOKEN_BYTES + cents * CENT_BYTES)
         tl.atomic_add(COUNT + 1 + tl.arange(0, 1), tl.full([1], 0, tl.int64) + DENSE_BYTES)
@@ -202,14 +200,14 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
             ``segment_block()`` segments (``decide.decide_from_logits`` writes them); same purpose as ``excl``.
     Returns:
         pos [B, Hk, N] int32 (entries past total unwritten), total [B, Hk] int32 kept keys per head, and
-        read [B, Hk] int64 = num_coarse + allowed fine clusters (None without ``allowed``).
+        read [B, Hk] int64 = num_coarse + allowed fine clusters (num_coarse without ``allowed``).
     """
     b, hk, r = seglen.shape
     lows = seg_lows if seg_lows.dim() == 3 else seg_lows.unsqueeze(0)
     dev = seglen.device
     pos = torch.empty(b, hk, max(num_tokens, 1), dtype=torch.int32, device=dev)
     total = torch.empty(b, hk, dtype=torch.int32, device=dev)
-    read = torch.empty(b, hk, dtype=torch.int64, device=dev) if allowed is not None else total
+    read = torch.empty(b, hk, dtype=torch.int64, device=dev)
     alw = allowed if allowed is not None else seglen
     acc, token_bytes, cent_bytes, dense_bytes = counter if counter is not None else (total, 0, 0, 0)
     if counter is not None and (acc.dtype != torch.int64 or acc.numel() < 2):
@@ -229,10 +227,10 @@ def kept_positions(seglen: torch.Tensor, seg_lows: torch.Tensor, num_tokens: int
         seglen.stride(0), seglen.stride(1), lows.stride(0) if lows.shape[0] == b else 0, lows.stride(1),
         pos.stride(0), pos.stride(1), alw.stride(0), alw.stride(1), exc.stride(0), exc.stride(1),
         bsum.stride(0), bsum.stride(1), hk, r, alw.shape[-1], num_coarse, token_bytes, cent_bytes, dense_bytes,
-        HAS_READ=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None,
+        HAS_ALLOWED=allowed is not None, HAS_COUNT=counter is not None, HAS_EXCL=excl is not None,
         HAS_BLOCKSUM=blocksum is not None and excl is None, BLOCK_S=block_s,
         BLOCK_P=min(triton.next_power_of_2(r), 8192), BLOCK_K=16 if _interpret() else TUNING["block_k"],
         BLOCK_NB=max(2, triton.next_power_of_2(nblk)), num_warps=4 if _interpret() else TUNING["num_warps"],
         **chain_launch(seglen.device),
     )
-    return pos, total, (read if allowed is not None else None)
+    return pos, total, read

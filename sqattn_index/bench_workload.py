@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHAPES", "BenchConfig", "Timer", "copy_bandwidth", "Layer", "synthetic_layer", "estimate_kwargs",
+__all__ = ["SHAPES", "BenchConfig", "FLUSH_MODES", "Timer", "copy_bandwidth", "Layer", "synthetic_layer", "estimate_kwargs",
            "make_queries", "calibrate", "squeezed_fns", "dense_candidates", "best_dense"]
 
 SHAPES = {"llama3-8b": (32, 8, 128), "llama2-7b": (32, 32, 128), "tiny": (4, 2, 64)}  # (Hq, Hk, D)
@@ -50,13 +50,30 @@ class BenchConfig:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Median time in ms of a step: CUDA-graph replays between CUDA events, L2 flushed before each."""
+FLUSH_MODES = ("write", "read")
 
-    def __init__(self, device: torch.device, reps: int):
-        self.device, self.reps = device, reps
+
+class Timer:
+    """Median time in ms of a step: CUDA-graph replays between CUDA events, L2 flushed before each.
+
+    ``flush``: "write" zeroes a 256 MB buffer (as ``triton.testing.do_bench``): the step then starts with the
+    L2 full of dirty lines, and writing them back shares DRAM with the step's own reads. "read" sums the
+    buffer instead: the L2 holds clean lines of other data, as after the weight reads that precede attention
+    in a decode step. Both leave none of the step's own data in the L2."""
+
+    def __init__(self, device: torch.device, reps: int, flush: str = "write"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {FLUSH_MODES}; got {flush!r}")
+        self.device, self.reps, self.flush_mode = device, reps, flush
         self.cuda = device.type == "cuda"
         self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
+        self._sink = torch.empty((), dtype=torch.int64, device=device) if self.cuda else None
+
+    def _flush(self) -> None:
+        if self.flush_mode == "write":
+            self.flush.zero_()
+        else:
+            torch.sum(self.flush.view(torch.int64), dim=0, out=self._sink)
 
     def __call__(self, fn, graph: bool = True) -> float:
         for _ in range(2):
@@ -83,7 +100,7 @@ class Timer:
             run()
         events = []
         for _ in range(self.reps):
-            self.flush.zero_()
+            self._flush()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()

@@ -916,8 +916,9 @@ def test_decide_from_logits_matches_ref_and_feeds_positions(nq, with_fixed, c):
     starts = sink + sizes.cumsum(1) - sizes  # first position of each cluster
     lows = torch.cat([torch.zeros(hk, 1, dtype=torch.int64, device=DEV), starts,
                       torch.full((hk, 1), n - window, dtype=torch.int64, device=DEV)], dim=1).to(torch.int32)
-    pos, total, _ = kept_positions(seglen, lows, n, blocksum=blocksum)
+    pos, total, read = kept_positions(seglen, lows, n, blocksum=blocksum, num_coarse=c)
     rpos, rtotal, _ = kept_positions(seglen, lows, n)
+    assert torch.equal(read, torch.full_like(read, c))  # no allowed mask: the centroids scored are num_coarse
     assert torch.equal(total, rtotal) and torch.equal(total, seglen.sum(-1, dtype=torch.int32))
     for bi in range(b):
         for h in range(hk):
