@@ -4,8 +4,10 @@ The Triton modules (``lookup`` with ``lookup_kernels``, ``decide``, ``lookup_man
 ``always_logz``, ``budget``, ``sparse_attention`` with ``positions``, ``fused_attention``, ``merge``; ``chain``:
 programmatic dependent launch between them) are imported lazily through ``get_ops``, so importing this
 package defines no Triton kernel (``TRITON_INTERPRET`` must be set before kernels are defined).
+``centroid_fp8`` (torch only) makes the 8-bit centroid tables the lookups take.
 """
 
+from .centroid_fp8 import dequantize_centroids, quantize_centroids
 from .dispatch import get_ops
 from .reference import (
     always_logz_ref,
@@ -28,8 +30,10 @@ __all__ = [
     "get_ops",
     "centroid_lookup_ref",
     "decide_from_logits_ref",
+    "dequantize_centroids",
     "group_queries_ref",
     "lse_merge_ref",
+    "quantize_centroids",
     "ranges_from_mask_ref",
     "slotted_causal_attention_ref",
     "sparse_attention_ref",

@@ -44,6 +44,7 @@ __all__ = ["SqueezedKVStore", "StoreSnapshot", "KV_DIRNAME", "BASELINE_QUESTION"
 
 KV_DIRNAME = "sqattn_kv"  # the KV index's folder inside a LlamaIndex persist dir
 PERSIST_TOKEN_KEY = "persist_token"  # manifest.extra key: id of the persist that wrote this generation
+QUERY_TIME_SETTINGS = ("backend", "centroid_precision")  # a loaded index takes these from its LLM's config
 
 
 def resolve_kv_dir(directory: str | os.PathLike) -> Path:
@@ -242,7 +243,8 @@ class SqueezedKVStore(BasePydanticVectorStore):
             directory, device=local.device, expected_model_fingerprint=local.model_fingerprint(),
             expected_tokenizer_fingerprint=local.tokenizer_fingerprint())
         config = dict(manifest.config or {})
-        config["backend"] = llm.config.backend
+        for key in QUERY_TIME_SETTINGS:  # how this process runs the index, not how it was built
+            config[key] = getattr(llm.config, key)
         layout = manifest.layout or {}
         engine = SqueezedEngine(local, SqueezeConfig.from_dict(config), layout.get("instructions",
                                                                                     DEFAULT_INSTRUCTIONS))

@@ -218,6 +218,21 @@ def test_persist_and_reload_in_fresh_process(index, answer, tmp_path):
     assert out["sources"] == [n.node.node_id for n in answer.source_nodes]
 
 
+def test_loaded_index_runs_with_the_llms_query_time_settings(index, llm, smol, tmp_path):
+    """backend and centroid_precision describe how this process runs the index, not the stored data: a loaded
+    index takes them from the LLM it is loaded with; the build settings (clustering, ladder) stay stored."""
+    index.storage_context.persist(str(tmp_path))
+    fp8_llm = sq.SqueezedLLM(llm.local, sq.SqueezeConfig(centroid_precision="fp8", backend="torch"),
+                             max_new_tokens=TOKENS)
+    loaded = sq.load_index(tmp_path, llm=fp8_llm)
+    config = loaded.vector_store.engine.config
+    assert config.centroid_precision == "fp8" and config.backend == "torch"
+    assert config.keep_ladder == tuple(CONFIG["keep_ladder"]) and config.kmeans_iters == CONFIG["kmeans_iters"]
+    assert sq.load_index(tmp_path, llm=llm).vector_store.engine.config.centroid_precision == "model"
+    r = loaded.as_query_engine(keep=KEEP, max_new_tokens=TOKENS).query(QUESTION)
+    assert r.response.strip() and 0.0 < r.metadata["kv_budget"] < 1.0
+
+
 def test_load_errors_are_clear(index, llm, tmp_path):
     with pytest.raises(CorruptIndexError, match="no sqattn KV index"):
         sq.SqueezedKVStore.from_persist_dir(tmp_path)
