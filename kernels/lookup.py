@@ -250,6 +250,14 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     _check_fp8(fine_centroids, fine_centroid_scales, "fine")
     if hierarchical:
         _check_fp8(coarse_centroids, coarse_centroid_scales, "coarse")
+    if q.shape[2] > FEW_QUERIES and TUNING["many_path"] == "stationary":
+        # the many-query kernels score 16-bit or fp32 tables: an 8-bit one is widened first, exactly (an e4m3
+        # value times a power of two is a bf16 number; pass the 16-bit table for prefill to skip this)
+        wide = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+        if is_fp8(fine_centroids):
+            fine_centroids = dequantize_centroids(fine_centroids, fine_centroid_scales).to(wide)
+        if hierarchical and is_fp8(coarse_centroids):
+            coarse_centroids = dequantize_centroids(coarse_centroids, coarse_centroid_scales).to(wide)
     first = coarse_centroids if hierarchical else fine_centroids
     scored_as = q.dtype if is_fp8(first) else first.dtype  # an 8-bit table is scored in the queries' dtype
     if always_keys is not None and always_keys[0].dtype != scored_as:
@@ -259,12 +267,6 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
     if nq > FEW_QUERIES and TUNING["many_path"] == "stationary":
-        # the many-query kernels score 16-bit or fp32 tables: an 8-bit one is widened first (pass the 16-bit
-        # table for prefill to skip that)
-        if is_fp8(fine_centroids):
-            fine_centroids = dequantize_centroids(fine_centroids, fine_centroid_scales)
-        if hierarchical and is_fp8(coarse_centroids):
-            coarse_centroids = dequantize_centroids(coarse_centroids, coarse_centroid_scales)
         return many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                  fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                  precision, seglen=seglen, sink=sink, window=window, fine_spread=fine_spread,

@@ -93,10 +93,12 @@ def test_lookup_on_fp8_centroids_matches_ref(b, hk, nq, d, n, cc, hier, dt, mode
     assert torch.equal(read, rread)
 
 
-@pytest.mark.parametrize("hier", [False, True])
-def test_fp8_positions_with_always_keys_in_the_launch(hier):
-    """16-bit keys scored for the always-attended normaliser inside the launch that reads an 8-bit table."""
-    b, hk, nq, d, n = 2, 2, 4, 64, 900
+@pytest.mark.parametrize("hier,nq", [(False, 4), (True, 4), (True, 24)],
+                         ids=["decode-flat", "decode-hier", "prefill-hier-many-query-path"])
+def test_fp8_positions_with_always_keys_in_the_launch(hier, nq):
+    """16-bit keys scored for the always-attended normaliser inside the launch that reads an 8-bit table (or,
+    with more than 16 queries, the many-query launches after the table is widened to bf16, exactly)."""
+    b, hk, d, n = 2, 2, 64, 900
     (q, fs, cs, co, fo, keys), (f8, fsc, c8, csc), (fdq, cdq), (sink, window, _) = _case(b, hk, nq, d, n, 4, 17)
     scale = d ** -0.5
     keys = keys.to(q.dtype)  # as the engine stores them (other dtypes: a separate normaliser launch)
