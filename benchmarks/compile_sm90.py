@@ -36,9 +36,9 @@ def _record_launches():
 
 def _gpu_settings():
     """Make the host code pick the settings it picks on an H100."""
-    from sqattn_index.kernels import lookup, sparse_attention
+    from sqattn_index.kernels import lookup_level, sparse_attention
 
-    lookup._interpret = lambda: False
+    lookup_level._interpret = lambda: False
     sparse_attention._interpret = lambda: False
     sparse_attention._num_sms = lambda device: 132
     config = sparse_attention._config
@@ -51,7 +51,8 @@ def _gpu_settings():
 
 
 def _drive(context: int) -> None:
-    """The decode (Llama-2-7B and Llama-3-8B shapes) and prefill launches of the lookup and the attention."""
+    """The decode (Llama-2-7B and Llama-3-8B shapes; 16- and 8-bit centroid tables) and prefill launches of the
+    lookup and the attention."""
     from sqattn_index.bench import SHAPES, BenchConfig, make_queries, synthetic_layer
     from sqattn_index.kernels import lookup as lk
     from sqattn_index.kernels.always_logz import always_logz
@@ -79,6 +80,15 @@ def _drive(context: int) -> None:
             for hier in (False, True):
                 lk.centroid_lookup_positions(qg, *base, None, None, budget, budget * 3, d ** -0.5, hier, **kw)
                 lk.centroid_lookup_positions(qg, *base, thr, thr, None, None, d ** -0.5, hier, **kw)
+                if t == 1:  # decode on the 8-bit tables (SqueezeConfig.centroid_precision="fp8")
+                    f8 = layer.fp8_tables()
+                    base8 = (f8["fine_centroids"], layer.fine_sizes, f8["coarse_centroids"], layer.coarse_sizes,
+                             layer.coarse_offsets)
+                    scales = dict(fine_centroid_scales=f8["fine_centroid_scales"],
+                                  coarse_centroid_scales=f8["coarse_centroid_scales"])
+                    lk.centroid_lookup_positions(qg, *base8, thr, thr, None, None, d ** -0.5, hier, **kw, **scales)
+                    lk.centroid_lookup_positions(qg, *base8, None, None, budget, budget * 3, d ** -0.5, hier, **kw,
+                                                 **scales)
             pos = torch.zeros(1, hk, context, dtype=torch.int32)
             total = torch.full((1, hk), context // 10, dtype=torch.int32)
             sparse_attention_positions(q, layer.keys, layer.values, pos, total, d ** -0.5)

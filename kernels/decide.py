@@ -1,6 +1,6 @@
 """Threshold decisions of a flat few-query lookup straight from its stored logits, in segment order.
 
-A flat decode lookup (``lookup._Level.lse``) leaves, per (question, KV head), the partial log-normalisers
+A flat decode lookup (``lookup_level._Level.lse``) leaves, per (question, KV head), the partial log-normalisers
 of its programs and the per-key log-score of every fine centroid for every grouped query. The decisions
 then need only: log Z per query (the partials' logsumexp), the per-key probability estimate
 ``mean_q exp(logit - log Z_q)`` of every cluster, ``>= threshold``, and the kept segment lengths (sinks,
