@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FP8", "FP8_MAX", "quantize_centroids", "dequantize_centroids", "is_fp8"]
+__all__ = ["FP8", "FP8_MAX", "quantize_centroids", "dequantize_centroids", "is_fp8", "lookup_tables"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -48,3 +48,11 @@ def dequantize_centroids(table: torch.Tensor, scales: torch.Tensor) -> torch.Ten
         raise ValueError(f"expected a float8 e4m3 table [Hk, C, D] and fp32 scales [Hk, D]; got {table.dtype} "
                          f"{tuple(table.shape)} and {tuple(scales.shape)}")
     return table.float() * scales.float()[:, None, :]
+
+
+def lookup_tables(fine_centroids: torch.Tensor, coarse_centroids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Both levels' 8-bit tables as the lookup's keyword arguments (``fine_centroids``, ``coarse_centroids``,
+    ``fine_centroid_scales``, ``coarse_centroid_scales``)."""
+    f8, fsc = quantize_centroids(fine_centroids)
+    c8, csc = quantize_centroids(coarse_centroids)
+    return dict(fine_centroids=f8, coarse_centroids=c8, fine_centroid_scales=fsc, coarse_centroid_scales=csc)

@@ -141,12 +141,9 @@ class Layer:
     def fp8_tables(self) -> dict:
         """The lookup's 8-bit centroid arguments (``kernels.centroid_fp8``), made once."""
         if getattr(self, "_fp8", None) is None:
-            from .kernels.centroid_fp8 import quantize_centroids
+            from .kernels.centroid_fp8 import lookup_tables
 
-            f8, fsc = quantize_centroids(self.fine_centroids)
-            c8, csc = quantize_centroids(self.coarse_centroids)
-            self._fp8 = dict(fine_centroids=f8, coarse_centroids=c8, fine_centroid_scales=fsc,
-                             coarse_centroid_scales=csc)
+            self._fp8 = lookup_tables(self.fine_centroids, self.coarse_centroids)
         return self._fp8
 
 

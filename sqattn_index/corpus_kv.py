@@ -110,12 +110,9 @@ class LayerKV:
         power-of-two scales), made on first use and kept with the layer (``to`` makes a new layer)."""
         cached = self.__dict__.get("_fp8")
         if cached is None:
-            from .kernels.centroid_fp8 import quantize_centroids
+            from .kernels.centroid_fp8 import lookup_tables
 
-            f8, fsc = quantize_centroids(self.fine_centroids)
-            c8, csc = quantize_centroids(self.coarse_centroids)
-            cached = self.__dict__["_fp8"] = dict(fine_centroids=f8, coarse_centroids=c8,
-                                                  fine_centroid_scales=fsc, coarse_centroid_scales=csc)
+            cached = self.__dict__["_fp8"] = lookup_tables(self.fine_centroids, self.coarse_centroids)
         return cached
 
     def check(self) -> None:
