@@ -68,7 +68,8 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
     _check_fp8(fine_centroids, fine_centroid_scales, "fine")
     if hierarchical:
         _check_fp8(coarse_centroids, coarse_centroid_scales, "coarse")
-    if q.shape[2] > FEW_QUERIES and TUNING["many_path"] == "stationary":
+    many = q.shape[2] > FEW_QUERIES and TUNING["many_path"] == "stationary"  # lookup_many.py's kernels
+    if many:
         # the many-query kernels score 16-bit or fp32 tables: an 8-bit one is widened first, exactly (an e4m3
         # value times a power of two is a bf16 number; pass the 16-bit table for prefill to skip this)
         wide = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
@@ -84,7 +85,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
         fixed_logz, always_keys = always_logz(q, *always_keys, scale), None
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, hk, nq, _ = q.shape
-    if nq > FEW_QUERIES and TUNING["many_path"] == "stationary":
+    if many:
         return many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets,
                                  fine_threshold, coarse_threshold, budget, coarse_budget, scale, hierarchical,
                                  precision, seglen=seglen, sink=sink, window=window, fine_spread=fine_spread,

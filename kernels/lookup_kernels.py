@@ -38,16 +38,18 @@ def _load_cent(C, s_cc, offs_c, sel, offs_d, d_ok, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _scale_q(qv, CSCALE_ROW, offs_d, d_ok, FP8: tl.constexpr):
-    """With an 8-bit centroid table: the query tile times the head's per-dimension scales, so that
-    q.c = (q * scale).table. The scales are powers of two (``centroid_fp8.quantize_centroids``), so the
-    product is exact in fp32 and bf16 and the 16-bit native dot stays exact."""
+def _query_tile(q_base, s_qm, q0, q_hi, offs_d, d_ok, CSCALE_ROW, BLOCK_Q: tl.constexpr, NATIVE: tl.constexpr,
+                FP8: tl.constexpr):
+    """A query tile as the centroid scores take it, and |q|^2 of q itself (the variance term's factor). With an
+    8-bit centroid table the tile is times the head's per-dimension scales, so that q.c = (q * scale).table;
+    the scales are powers of two (``centroid_fp8.quantize_centroids``), so the product is exact in fp32 and
+    bf16 and the 16-bit native dot stays exact."""
+    qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
+    qn2 = _qnorm2(qv)
     if FP8:
         sc = tl.load(CSCALE_ROW + offs_d, mask=d_ok, other=0.0)
-        res = (qv.to(tl.float32) * sc[None, :]).to(qv.dtype)
-    else:
-        res = qv
-    return res
+        qv = (qv.to(tl.float32) * sc[None, :]).to(qv.dtype)
+    return qv, qn2
 
 
 @triton.jit
@@ -279,9 +281,7 @@ def _lse_kernel(
     for q0 in range(q_lo, q_hi, BLOCK_Q):
         offs_q = q0 + offs_qb
         q_ok = offs_q < q_hi
-        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
-        qn2 = _qnorm2(qv)  # (of q itself: the variance term's factor)
-        qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+        qv, qn2 = _query_tile(q_base, s_qm, q0, q_hi, offs_d, d_ok, CSCALE + h * s_xsh, BLOCK_Q, NATIVE, FP8)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         s = tl.full([BLOCK_Q], 0.0, tl.float32)
         if BY_PARENT:
@@ -352,9 +352,7 @@ def _prob_kernel(
             fz = tl.load(FIXED + b * s_fb + h * s_fh + offs_q, mask=q_ok, other=float("-inf"))
             logz = _logaddexp(logz, fz)
         logz = tl.where(q_ok, logz, 0.0)
-        qv = _load_q(q_base, s_qm, q0, q_hi, offs_d, d_ok, BLOCK_Q, NATIVE)
-        qn2 = _qnorm2(qv)
-        qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+        qv, qn2 = _query_tile(q_base, s_qm, q0, q_hi, offs_d, d_ok, CSCALE + h * s_xsh, BLOCK_Q, NATIVE, FP8)
         for g in range(g_lo, g_hi):
             lo, hi, active = _unit(g, b, h, NC, KEEPC, s_kb, s_kh, COFF, s_oh, BY_PARENT, BLOCK_C)
             for c0 in range(lo, hi, BLOCK_C):
@@ -400,9 +398,8 @@ def _prob_kernel(
                         cent = _load_cent(C + h * s_ch, s_cc, offs_c, c_ok, offs_d, d_ok, NATIVE)
                         for q0 in range(0, NQ, BLOCK_Q):
                             offs_q = q0 + offs_qb
-                            qv = _load_q(q_base, s_qm, q0, NQ, offs_d, d_ok, BLOCK_Q, NATIVE)
-                            qn2 = _qnorm2(qv)
-                            qv = _scale_q(qv, CSCALE + h * s_xsh, offs_d, d_ok, FP8)
+                            qv, qn2 = _query_tile(q_base, s_qm, q0, NQ, offs_d, d_ok, CSCALE + h * s_xsh, BLOCK_Q,
+                                                  NATIVE, FP8)
                             logits = _scores(qv, _widen(cent, qv, FP8, NATIVE), scale, BLOCK_Q, BLOCK_C, ROWWISE,
                                              NATIVE, PRECISION)
                             logits = _add_spread(logits, SPREAD + h * s_vh, offs_c, c_ok, qn2, half_s2, HAS_SPREAD)
