@@ -20,8 +20,9 @@ import torch
 
 
 def main() -> None:
-    from sqattn_index.bench_workload import SHAPES, BenchConfig, Timer, calibrate, dense_candidates, make_queries
-    from sqattn_index.bench_workload import squeezed_fns, synthetic_layer
+    from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
+
+    from sqattn_index.bench_workload import BenchConfig, Timer, dense_candidates
     from sqattn_index.kernels.sparse_attention import sparse_attention_positions
 
     ap = argparse.ArgumentParser()
@@ -36,21 +37,17 @@ def main() -> None:
     timers = {m: Timer(dev, a.reps, flush=m) for m in ("write", "read")}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     cfg = BenchConfig()
-    log(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; keep {a.keep}; {a.rounds} alternating rounds of {a.reps} "
-        f"graph replays per flush mode; times in ms (median of rounds)")
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    log(f"device {device_name}; keep {a.keep}; {a.rounds} alternating rounds of {a.reps} graph replays per flush "
+        f"mode; times in ms (median of rounds)")
     for shape in a.shapes.split(","):
-        hq, hk, d = SHAPES[shape]
         for n in (int(c) for c in a.contexts.split(",")):
-            layer = synthetic_layer(hk, n, d, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev, cfg,
-                                    seed=n + hk)
-            scale = d ** -0.5
-            fns = {}
+            layer, fns = None, {}
             for phase, t, flat in (("decode", 1, True), ("prefill", cfg.prefill_tokens if n > 4096 else 8, False)):
-                q = make_queries(layer, hq, t, seed=t)
-                qg = q.reshape(1, hk, (hq // hk) * t, d)
-                fthr, cthr = calibrate(layer, qg, a.keep, cfg, scale, hierarchical=not flat)
-                step, lookup = squeezed_fns(layer, q, fthr, cthr, scale, "ieee" if flat else "tf32", "full", None,
-                                            not flat, fp8=flat)
+                layer, q, by_mode = build(shape, n, a.keep, t, dev, hierarchical=not flat, fp8=flat, layer=layer)
+                d = q.shape[-1]
+                scale = d ** -0.5
+                step, lookup = by_mode["threshold"]
                 fns[f"{phase} squeezed"] = step
                 for name, fn in dense_candidates(q, layer).items():
                     fns[f"{phase} dense {name}"] = fn

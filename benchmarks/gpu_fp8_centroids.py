@@ -30,8 +30,9 @@ def copy_same_bytes(nbytes: int, timer) -> float:
 
 
 def main() -> None:
-    from sqattn_index.bench import SHAPES, BenchConfig, Timer, best_dense, calibrate, make_queries, profile_step
-    from sqattn_index.bench import squeezed_fns, synthetic_layer
+    from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
+
+    from sqattn_index.bench import Timer, best_dense, profile_step
     from sqattn_index.kernels import lookup as lk
     from sqattn_index.kernels.sparse_attention import sparse_attention_positions
 
@@ -49,19 +50,15 @@ def main() -> None:
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    cfg = BenchConfig()
     log(f"device {torch.cuda.get_device_name(dev)}; keep {a.keep}; flat decode lookup; {a.rounds} alternating "
         f"rounds of {a.reps} graph replays")
     for shape in a.shapes.split(","):
-        hq, hk, d = SHAPES[shape]
         for n in (int(c) for c in a.contexts.split(",")):
-            layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg, seed=n + hk)
-            q = make_queries(layer, hq, 1, seed=1)
-            qg = q.reshape(1, hk, hq // hk, d)
+            # the same layer, queries and thresholds (calibrated on the bf16 table) for both tables
+            layer, q, by_table = build(shape, n, a.keep, 1, dev, hierarchical=False)
+            _, _, by_table8 = build(shape, n, a.keep, 1, dev, hierarchical=False, fp8=True, layer=layer)
+            d = q.shape[-1]
             scale = d ** -0.5
-            fthr, cthr = calibrate(layer, qg, a.keep, cfg, scale, hierarchical=False)
-            fine_budget = torch.full((1, hk), max(a.keep * n - layer.sink - layer.window, 0.0), device=dev)
-            budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
             dense_ms, dense_name = best_dense(q, layer, timer, lambda m: None)
             exact = torch.nn.functional.scaled_dot_product_attention(
                 q.float(), layer.keys.float().unsqueeze(0), layer.values.float().unsqueeze(0), enable_gqa=True)
@@ -69,9 +66,7 @@ def main() -> None:
             log(f"\n{shape} {n}: dense {dense_name} {dense_ms:.4f} ms; fine table {cent_mb['bf16']:.1f} MB bf16, "
                 f"{cent_mb['fp8']:.1f} MB fp8")
             for mode in a.modes.split(","):
-                sel = None if mode == "threshold" else budgets
-                fns = {t: squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", sel, False, fp8=t == "fp8")
-                       for t in ("bf16", "fp8")}
+                fns = {"bf16": by_table[mode], "fp8": by_table8[mode]}
                 times = {(t, what): [] for t in fns for what in ("lookup", "step")}
                 for _ in range(a.rounds):
                     for t, (step, lookup) in fns.items():

@@ -21,21 +21,25 @@ import json
 import torch
 
 
-def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device, hierarchical: bool = True):
-    """(layer, q, closures by mode) for one shape: mode -> (step, lookup); ``hierarchical=False``: flat lookup."""
+def build(shape: str, n: int, keep: float, tokens: int, dev: torch.device, hierarchical: bool = True,
+          fp8: bool = False, layer=None):
+    """(layer, q, closures by mode) for one shape: mode -> (step, lookup); ``hierarchical=False``: flat lookup;
+    ``fp8``: the lookups score the layer's 8-bit centroid tables; ``layer``: that synthetic layer (from an
+    earlier call with the same shape and n) instead of a new one."""
     from sqattn_index.bench import SHAPES, BenchConfig, calibrate, make_queries, squeezed_fns, synthetic_layer
 
     cfg = BenchConfig()
     hq, hk, d = SHAPES[shape]
-    layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg, seed=n + hk)
+    if layer is None:
+        layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg, seed=n + hk)
     q = make_queries(layer, hq, tokens, seed=tokens)
     qg = q.reshape(1, hk, (hq // hk) * tokens, d)
     scale = d ** -0.5
     fthr, cthr = calibrate(layer, qg, keep, cfg, scale, hierarchical)
     fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=dev)
     budgets = (fine_budget, (fine_budget * cfg.coarse_slack).clamp(max=float(n)))
-    fns = {"budget": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", budgets, hierarchical),
-           "threshold": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", None, hierarchical)}
+    fns = {"budget": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", budgets, hierarchical, fp8),
+           "threshold": squeezed_fns(layer, q, fthr, cthr, scale, "tf32", "full", None, hierarchical, fp8)}
     return layer, q, fns
 
 

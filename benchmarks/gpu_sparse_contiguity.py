@@ -20,8 +20,9 @@ import torch
 
 
 def main() -> None:
-    from sqattn_index.bench_workload import SHAPES, BenchConfig, Timer, calibrate, make_queries, squeezed_fns
-    from sqattn_index.bench_workload import synthetic_layer
+    from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
+
+    from sqattn_index.bench_workload import Timer
     from sqattn_index.kernels import sparse_attention as sa
 
     ap = argparse.ArgumentParser()
@@ -33,16 +34,14 @@ def main() -> None:
     dev = torch.device("cuda")
     timer = Timer(dev, a.reps, flush="read")
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    cfg, n = BenchConfig(), a.context
+    n = a.context
     log(f"device {torch.cuda.get_device_name(dev)}; context {n}, keep {a.keep}; times in ms, read flush")
     for shape in a.shapes.split(","):
-        hq, hk, d = SHAPES[shape]
-        layer = synthetic_layer(hk, n, d, torch.bfloat16, dev, cfg, seed=n + hk)
-        q = make_queries(layer, hq, 1, seed=1)
+        layer, q, by_mode = build(shape, n, a.keep, 1, dev, hierarchical=False, fp8=True)
+        _, hq, _, d = q.shape
+        hk = layer.keys.shape[0]
         scale = d ** -0.5
-        fthr, cthr = calibrate(layer, q.reshape(1, hk, hq // hk, d), a.keep, cfg, scale, hierarchical=False)
-        _, lookup = squeezed_fns(layer, q, fthr, cthr, scale, "ieee", "full", None, False, fp8=True)
-        _, _, pos, total = lookup()
+        _, _, pos, total = by_mode["threshold"][1]()
         contiguous = torch.arange(pos.shape[-1], dtype=torch.int32, device=dev).expand_as(pos).contiguous()
         kv_bytes = int(total.sum()) * d * 2 * 2
         src = torch.empty(kv_bytes, dtype=torch.uint8, device=dev)
