@@ -17,8 +17,8 @@ Scores: few queries (decode, Q <= 16) row by row in fp32 on CUDA cores; many que
 native 16-bit dot when queries and centroids share a 16-bit dtype (products of 16-bit numbers are exact in
 fp32, so this matches the reference's fp32 math up to summation order; an 8-bit table, ``centroid_fp8``,
 scores the same way with its power-of-two scales folded into the queries), else fp32 with ``precision``
-"ieee" (default) or "tf32" (faster). Budget mode picks the top clusters from the Triton-computed probabilities with
-``budget.budget_mask`` (a bisection, no sort).
+"ieee" (default) or "tf32" (faster). Budget mode picks the top clusters from the Triton-computed
+probabilities with ``budget.budget_mask`` (a bisection, no sort).
 """
 
 from __future__ import annotations

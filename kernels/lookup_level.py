@@ -23,8 +23,9 @@ def _interpret() -> bool:
 
 
 # Launch settings (the benchmark's tuning sweep edits these): clusters per program at a block-grouped level
-# (coarse; a flat lookup's fine level: flat_block_c); warps per program for block- and parent-grouped levels; coarse clusters per program at a
-# parent-grouped fine level, with few queries and with many (grouping saves re-reading the queries).
+# (coarse; a flat lookup's fine level: flat_block_c); warps per program for block- and parent-grouped levels;
+# coarse clusters per program at a parent-grouped fine level, with few queries and with many (grouping saves
+# re-reading the queries).
 TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4, "parent_warps_prefill": 2,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
           "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
@@ -137,7 +138,8 @@ class _Level:
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1), self.sizes.stride(0),
             keepc.stride(0), keepc.stride(1), coff.stride(0), allowed.stride(0), allowed.stride(1),
             part.stride(0), part.stride(1), part.stride(2), logits.stride(0), logits.stride(1), logits.stride(2),
-            spread.stride(0), keys.stride(0), keys.stride(1), cscale.stride(0), self.hk, self.nq, self.nc, self.ncc, self.q_per,
+            spread.stride(0), keys.stride(0), keys.stride(1), cscale.stride(0), self.hk, self.nq, self.nc, self.ncc,
+            self.q_per,
             self.scale, 0.5 * self.scale * self.scale, self.nb, n, sink, window,
             DROPPED=dropped, STORE_LOGITS=store, ALWAYS=always is not None, **common, **chain_launch(q.device),
         )

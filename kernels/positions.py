@@ -84,12 +84,12 @@ def _positions_kernel(
     PDL: tl.constexpr = 0,
 ):
     """Segment lengths -> pos[b, h, i] = sorted position of kept key i (segments in order), TOTAL[b, h] and
-    READ[b, h] = the centroids scored: NCC, plus the allowed fine clusters with HAS_ALLOWED. Program (s, b*h) owns BLOCK_S segments
-    and sums the lengths before them itself (no second pass), or with HAS_EXCL reads their exclusive prefix
-    sums from EXCL (written by the budget search), or with HAS_BLOCKSUM sums the kept keys of the blocks
-    before it from BLOCKSUM (one entry per BLOCK_S segments, written by ``decide.decide_from_logits``).
-    With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES + READ * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and
-    order-free)."""
+    READ[b, h] = the centroids scored: NCC, plus the allowed fine clusters with HAS_ALLOWED. Program (s, b*h)
+    owns BLOCK_S segments and sums the lengths before them itself (no second pass), or with HAS_EXCL reads
+    their exclusive prefix sums from EXCL (written by the budget search), or with HAS_BLOCKSUM sums the kept
+    keys of the blocks before it from BLOCKSUM (one entry per BLOCK_S segments, written by
+    ``decide.decide_from_logits``). With HAS_COUNT, the last block of each (b, h) adds TOTAL * TOKEN_BYTES +
+    READ * CENT_BYTES to COUNT[0] and DENSE_BYTES to COUNT[1] (int64 atomics: exact and order-free)."""
     chain_enter(PDL)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -136,8 +136,8 @@ def _finish_head(TOTAL, READ, COUNT, pid_bh, kept, cents, TOKEN_BYTES, CENT_BYTE
                  HAS_COUNT: tl.constexpr):
     """Per (b, h) after its positions: TOTAL = kept keys [1] int32; READ = centroids scored [1] int64 (the
     flat lookup's constant too: a fill launch of its own would sit between this kernel and the attention
-    and break the launch overlap); with HAS_COUNT, COUNT[0] += kept * TOKEN_BYTES + cents * CENT_BYTES and COUNT[1] +=
-    DENSE_BYTES (int64 atomics: exact and order-free)."""
+    and break the launch overlap); with HAS_COUNT, COUNT[0] += kept * TOKEN_BYTES + cents * CENT_BYTES and
+    COUNT[1] += DENSE_BYTES (int64 atomics: exact and order-free)."""
     tl.store(TOTAL + pid_bh + tl.arange(0, 1), kept)
     tl.store(READ + pid_bh + tl.arange(0, 1), cents)
     if HAS_COUNT:

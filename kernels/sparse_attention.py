@@ -263,8 +263,6 @@ def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.devic
     return max(1, min(want, triton.cdiv(max_keys, block_n)))
 
 
-
-
 def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, config=None, reduce=True):
     """Attention of q over the keys at ``pos[b, h, :total[b, h]]``; see ``sparse_attention``. With
     ``reduce=False`` it returns the split-K partials instead: out [B, Hk, S, G*T, D] and lse [B, Hk, S, G*T]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHAPES", "BenchConfig", "FLUSH_MODES", "Timer", "copy_bandwidth", "Layer", "synthetic_layer", "estimate_kwargs",
-           "make_queries", "calibrate", "squeezed_fns", "dense_candidates", "best_dense"]
+__all__ = ["SHAPES", "BenchConfig", "FLUSH_MODES", "Timer", "copy_bandwidth", "Layer", "synthetic_layer",
+           "estimate_kwargs", "make_queries", "calibrate", "squeezed_fns", "dense_candidates", "best_dense"]
 
 SHAPES = {"llama3-8b": (32, 8, 128), "llama2-7b": (32, 32, 128), "tiny": (4, 2, 64)}  # (Hq, Hk, D)
 
