@@ -90,32 +90,6 @@ def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST:
 
 
 @triton.jit
-def _tile_scores(q, k_ptrs, n_ok, d_ok, UPCAST: tl.constexpr):
-    """Raw q.k [BLOCK_M, BLOCK_N] of a query tile against one tile of gathered keys (-inf where not ``n_ok``)."""
-    k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    return tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-
-
-@triton.jit
-def _softmax_values(s, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
-    """The online-softmax step of a query tile for the raw scores ``s`` of one key tile and its gathered
-    values. The running max ``m_i`` is kept in raw q.k units (qk_scale > 0, and it carries log2(e)), so the
-    scale folds into the exponent's one fused multiply-add per pair."""
-    v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    m_new = tl.maximum(m_i, _max(s, axis=1))
-    m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
-    alpha = tl.exp2(m_i * qk_scale - m_scaled)
-    p = tl.exp2(s * qk_scale - m_scaled[:, None])
-    l_i = l_i * alpha + _sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _sparse_attn_kernel(
     Q, K, V, POS, TOTAL, OUT, LSE,
     s_qb, s_qh, s_qm,
@@ -125,7 +99,7 @@ def _sparse_attn_kernel(
     s_lb, s_lh, s_ls,
     HK, NQ, NSPLIT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, ROTATE: tl.constexpr = False,
+    UPCAST: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
     """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse)."""
@@ -157,33 +131,16 @@ def _sparse_attn_kernel(
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     pos_next = tl.load(pos_base + lo + offs_n, mask=lo + offs_n < hi, other=0)
-    if ROTATE:
-        # the scores of tile i + 1 are issued before the softmax of tile i, so that the tensor cores can work
-        # on them while the softmax runs (the asynchronous dot is waited for at its first use)
+    # Every tile is masked: peeling the last, partial tile off (whole tiles unmasked) was 12% slower in
+    # prefill on an H100 (the pipelined loop is what matters; docs/bench/session7/sparse_variants.txt).
+    for start in range(lo, hi, BLOCK_N):
         pos = pos_next.to(tl.int64)
-        pos_next = tl.load(pos_base + lo + BLOCK_N + offs_n, mask=lo + BLOCK_N + offs_n < hi, other=0)
-        s = _tile_scores(q, k_base + pos[:, None] * s_kn + offs_d[None, :], lo + offs_n < hi, d_ok, UPCAST)
-        for start in range(lo, hi, BLOCK_N):
-            pos_n = pos_next.to(tl.int64)
-            nxt = start + 2 * BLOCK_N + offs_n
-            pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
-            s_n = _tile_scores(q, k_base + pos_n[:, None] * s_kn + offs_d[None, :], start + BLOCK_N + offs_n < hi,
-                               d_ok, UPCAST)
-            m_i, l_i, acc = _softmax_values(s, v_base + pos[:, None] * s_vn + offs_d[None, :], start + offs_n < hi,
-                                            d_ok, m_i, l_i, acc, qk_scale, UPCAST)
-            s = s_n
-            pos = pos_n
-    else:
-        # Every tile is masked: peeling the last, partial tile off (whole tiles unmasked) was 12% slower in
-        # prefill on an H100 (the pipelined loop is what matters; docs/bench/session7/sparse_variants.txt).
-        for start in range(lo, hi, BLOCK_N):
-            pos = pos_next.to(tl.int64)
-            # the next tile's positions load now, so its K/V gathers need not wait for them
-            nxt = start + BLOCK_N + offs_n
-            pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
-            m_i, l_i, acc = _attend_tile(q, k_base + pos[:, None] * s_kn + offs_d[None, :],
-                                         v_base + pos[:, None] * s_vn + offs_d[None, :], start + offs_n < hi,
-                                         d_ok, m_i, l_i, acc, qk_scale, UPCAST)
+        # the next tile's positions load now, so its K/V gathers need not wait for them
+        nxt = start + BLOCK_N + offs_n
+        pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
+        m_i, l_i, acc = _attend_tile(q, k_base + pos[:, None] * s_kn + offs_d[None, :],
+                                     v_base + pos[:, None] * s_vn + offs_d[None, :], start + offs_n < hi, d_ok,
+                                     m_i, l_i, acc, qk_scale, UPCAST)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -345,7 +302,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, ROTATE=cfg.get("rotate", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
     )
     if not reduce:
         return part_o, part_l
