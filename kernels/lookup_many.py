@@ -40,8 +40,7 @@ __all__ = ["many_query_lookup", "TUNING_MANY"]
 # probability launch splits the queries until it has at least ``prob_programs`` programs (counting every
 # block a compacted fine level could have).
 TUNING_MANY = {"norm_block_q": 64, "norm_block_c": 128, "norm_warps": 4, "norm_stages": 3, "norm_splits": 1,
-               "prob_block_c": 64, "prob_block_q": 64, "prob_warps": 4, "prob_stages": 3, "prob_programs": 264,
-               "norm_splits_listed": 1, "prob_splits_listed": 1}
+               "prob_block_c": 64, "prob_block_q": 64, "prob_warps": 4, "prob_stages": 3, "prob_programs": 264}
 # (H100 sweep at 128K, 512 question tokens, Llama-3-8B and Llama-2-7B shapes: docs/bench/session6/). The
 # normaliser may split each head's centroid list over ``norm_splits`` programs per query tile; the partial
 # log-normalisers are merged where they are read.
@@ -251,8 +250,7 @@ class _Many:
         ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always`` also returns their own
         log-normaliser (else None)."""
         q, dev = self.q, self.dev
-        # (the interpreter checks the split path)
-        splits = 2 if _interpret() else TUNING_MANY["norm_splits_listed" if idx is not None else "norm_splits"]
+        splits = 2 if _interpret() else TUNING_MANY["norm_splits"]  # (the interpreter checks the split path)
         logz = torch.empty(self.b, self.hk, splits, self.nq, dtype=torch.float32, device=dev)
         logz_always = torch.empty(self.b, self.hk, self.nq, dtype=torch.float32, device=dev)
         keys, sink, window = always if always is not None else (table.cent, 0, 0)
@@ -294,8 +292,6 @@ class _Many:
         want = TUNING_MANY["prob_programs"] if not _interpret() else 2 * nblocks * self.b * self.hk
         # (the interpreter takes 2 splits where the queries allow, so the CPU tests cover the split buffers)
         splits = max(1, min(triton.cdiv(want, nblocks * self.b * self.hk), triton.cdiv(self.nq, cfg["BLOCK_Q"])))
-        if idx is not None and not _interpret():  # a listed level: most of its nominal blocks are empty
-            splits = max(splits, min(TUNING_MANY["prob_splits_listed"], triton.cdiv(self.nq, cfg["BLOCK_Q"])))
         if splits == 1:
             res = out if out is not None else torch.empty(self.b, self.hk, table.nc, dtype=torch.float32, device=dev)
             dst = res.unsqueeze(2)
