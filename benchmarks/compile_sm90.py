@@ -161,7 +161,8 @@ def _compile(launches) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--tuning", default="{}", help='JSON overrides of kernels.lookup.TUNING, e.g. \'{"block_warps": 4}\'')
+    ap.add_argument("--tuning", default="{}",
+                    help='JSON overrides of kernels.lookup.TUNING, e.g. \'{"block_warps": 4}\'')
     ap.add_argument("--only", default="", help="compile only launches of kernels whose name contains this")
     args = ap.parse_args()
     from sqattn_index.kernels import lookup

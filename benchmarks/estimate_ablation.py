@@ -26,7 +26,8 @@ def labels(layer):
     key = id(layer)
     if key not in LAB:
         s0 = int(layer.fine_offsets[0,0]); e0 = int(layer.fine_offsets[0,-1])
-        LAB[key] = (torch.stack([torch.repeat_interleave(torch.arange(layer.fine_sizes.shape[1]), layer.fine_sizes[h]) for h in range(layer.num_kv_heads)]), s0, e0)
+        LAB[key] = (torch.stack([torch.repeat_interleave(torch.arange(layer.fine_sizes.shape[1]), layer.fine_sizes[h])
+                                 for h in range(layer.num_kv_heads)]), s0, e0)
     return LAB[key]
 ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
 STATE = {"variant": None, "keep": 1.0}

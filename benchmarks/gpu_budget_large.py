@@ -1,10 +1,11 @@
 """GPU check of the budget search at many clusters per head (512K context: 32K fine clusters): the
 in-register search (``budget.MAX_CLUSTERS`` = --max) against the exact sorted fallback (what ran past
-16K clusters before session 9), in one run. Flat decode lookup, keep 0.1, the synthetic clustered layer of ``sqattn_index.bench``
-(CUDA-graph timing, L2 flushed, ``bench.Timer``). Prints the lookup and step times both ways and how many
-keep decisions differ.
+16K clusters before session 9), in one run. Flat decode lookup, keep 0.1, the synthetic clustered layer of
+``sqattn_index.bench`` (CUDA-graph timing, L2 flushed, ``bench.Timer``). Prints the lookup and step times both
+ways and how many keep decisions differ.
 
-    python benchmarks/gpu_budget_large.py [--shapes llama3-8b,llama2-7b] [--context 524288] [--max 32768] [--warps 8,16,32]
+    python benchmarks/gpu_budget_large.py [--shapes llama3-8b,llama2-7b] [--context 524288] [--max 32768] \\
+        [--warps 8,16,32]
 """
 
 from __future__ import annotations

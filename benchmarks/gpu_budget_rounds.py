@@ -1,6 +1,7 @@
-"""GPU timing of the budget search's thresholds per round (``budget.KWAY``), as whole lookups at 128K, keep 0.1, budget mode (CUDA-graph timing, L2 flushed,
-``bench.Timer``): decode hierarchical and flat (the engine's decode above ``FLAT_ABOVE``) and prefill (512
-question tokens), on the synthetic clustered layer of ``sqattn_index.bench``.
+"""GPU timing of the budget search's thresholds per round (``budget.KWAY``), as whole lookups at 128K, keep 0.1,
+budget mode (CUDA-graph timing, L2 flushed, ``bench.Timer``): decode hierarchical and flat (the engine's decode
+above ``FLAT_ABOVE``) and prefill (512 question tokens), on the synthetic clustered layer of
+``sqattn_index.bench``.
 
 The session-7 run (docs/bench/session7/budget_rounds.txt) was made at commit 8853b5e, which also had a
 variant of the rounds (KWAY independent scalar reductions with scalar bookkeeping, instead of one [KWAY, BLOCK]

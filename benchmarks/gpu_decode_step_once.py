@@ -1,8 +1,8 @@
 """One squeezed decode step (budget-mode lookup + sparse attention) of the synthetic 128K layer of
 ``sqattn_index.bench``, run a few times: a target for Nsight Compute, e.g.
 
-    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \\
-        --section WarpStateStats -k regex:"_sparse_attn_kernel|_budget_kernel|_lse_kernel" \\
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --section WarpStateStats -k regex:"_sparse_attn_kernel|_budget_kernel|_lse_kernel" \\
         python benchmarks/gpu_decode_step_once.py --shape llama3-8b
 """
 

@@ -1,6 +1,7 @@
-"""GPU timing of one squeezed decode step (one new token, or --tokens question tokens; 128K fixed context, keep 10%) in every selection
-variant, in one run: budget / threshold x hierarchical / flat lookup, on the synthetic clustered layer of
-``sqattn_index.bench`` (``gpu_prefill_lookup_sweep.build``; CUDA-graph timing, L2 flushed, ``bench.Timer``).
+"""GPU timing of one squeezed decode step (one new token, or --tokens question tokens; 128K fixed context, keep 10%)
+in every selection variant, in one run: budget / threshold x hierarchical / flat lookup, on the synthetic clustered
+layer of ``sqattn_index.bench`` (``gpu_prefill_lookup_sweep.build``; CUDA-graph timing, L2 flushed,
+``bench.Timer``).
 
 Per shape and variant it prints the lookup time, the whole step (lookup + sparse attention), the kept keys
 as a fraction of the context, and with --profile the per-kernel profile of the step.

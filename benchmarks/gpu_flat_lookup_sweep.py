@@ -6,9 +6,9 @@ token, CUDA-graph timing with L2 flushed (``bench.Timer``). Prints ms per lookup
 the flat level's normaliser launch alone, first with the default ``kernels.lookup.TUNING``, then for each
 (flat_block_c, blocks per program, flat_stages, warps) (a program scores that many blocks of ``flat_block_c``
 centroids, its loads pipelined over ``flat_stages`` stages), then for the budget kernel's thresholds per
-round (``budget.KWAY``) with the best setting, and the hierarchical lookup at coarse slack 3. The last line per shape is the best
-setting as JSON. (A version that also wrote the kept positions inside the budget kernel, one program per
-head, was slower: 126 against 94 us at Llama-2-7B 128K; docs/bench/README.md.)
+round (``budget.KWAY``) with the best setting, and the hierarchical lookup at coarse slack 3. The last line per
+shape is the best setting as JSON. (A version that also wrote the kept positions inside the budget kernel, one
+program per head, was slower: 126 against 94 us at Llama-2-7B 128K; docs/bench/README.md.)
 
     python benchmarks/gpu_flat_lookup_sweep.py [--context 131072] [--default-only]
 """

@@ -7,7 +7,8 @@ slack 3), bf16, CUDA-graph timing with L2 flushed (``bench.Timer``). Per shape i
 and whole-step (lookup + sparse attention) times in budget and threshold mode, how many fine clusters their
 selections differ by, the per-kernel profile of the many-query lookup, a sweep of ``TUNING_MANY`` (the
 normaliser's and the probability launch's tiles, warps, stages and splits, each varied with the other at
-its default; the profile with the best of both) and, with --sparse, of the sparse prefill kernel at one split; the last line per shape is the best setting as JSON.
+its default; the profile with the best of both) and, with --sparse, of the sparse prefill kernel at one split; the
+last line per shape is the best setting as JSON.
 
     python benchmarks/gpu_prefill_lookup_sweep.py [--context 131072] [--shapes llama3-8b,llama2-7b] [--no-sweep]
 """

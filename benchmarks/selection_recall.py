@@ -155,8 +155,10 @@ def main(argv=None):
         names = list(per_layer[0][k])
         summary[k] = {n: sum(sum(per_layer[li][k][n]) / len(per_layer[li][k][n]) for li in per_layer) / len(per_layer)
                       for n in names}
-        print(f"keep {k} recall: " + "  ".join(f"{n} {v:.3f}" for n, v in summary[k].items() if not n.startswith("err_")))
-        print(f"keep {k} out err: " + "  ".join(f"{n[4:]} {v:.3f}" for n, v in summary[k].items() if n.startswith("err_")))
+        print(f"keep {k} recall: "
+              + "  ".join(f"{n} {v:.3f}" for n, v in summary[k].items() if not n.startswith("err_")))
+        print(f"keep {k} out err: "
+              + "  ".join(f"{n[4:]} {v:.3f}" for n, v in summary[k].items() if n.startswith("err_")))
     worst = sorted(per_layer, key=lambda li: -sum(per_layer[li][keeps[0]]["err_centroid"]))[:8]
     for li in worst:
         r = {n: sum(v) / len(v) for n, v in per_layer[li][keeps[0]].items()}

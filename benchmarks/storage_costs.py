@@ -113,7 +113,8 @@ def main() -> None:
         "model": info["model"], "device": str(llm.local.device), "dtype": info["dtype"], "tokens": tokens,
         "nodes": info["nodes"], "layers": info["layers"], "kv_heads": info["kv_heads"], "head_dim": info["head_dim"],
         "clusters": {k: info["clusters"][k] for k in ("fine_total", "coarse_total")},
-        "fine_per_head": info["clusters"]["fine_per_head"][0], "coarse_per_head": info["clusters"]["coarse_per_head"][0],
+        "fine_per_head": info["clusters"]["fine_per_head"][0],
+        "coarse_per_head": info["clusters"]["coarse_per_head"][0],
         "build_s": build_s, "build_seconds": corpus.build_seconds,
         "disk_bytes_total": total, "disk_bytes_per_token": total / tokens, "overhead_over_kv": total / kv_bytes - 1,
         "parts": rows, "disk_bytes_by_file_part": disk,
@@ -136,7 +137,8 @@ def main() -> None:
         print(f"  {part:<20} {n:>12} {n / tokens:>10.1f}")
     print(f"\npersist (index.storage_context.persist, fresh dir): median {result['persist_s_median']:.2f} s "
           f"of {[round(s, 2) for s in persist_s]} ({result['persist_mb_per_s']:.0f} MiB/s)")
-    print(f"load in a fresh process (sq.load_index, model already loaded): median {result['load_index_s_median']:.2f} s "
+    print(f"load in a fresh process (sq.load_index, model already loaded): "
+          f"median {result['load_index_s_median']:.2f} s "
           f"of {[round(l['load_index_s'], 2) for l in loads]}")
     print(f"  of which the storage layer alone (load_index_files, verified): median "
           f"{result['storage_load_s_median']:.2f} s of {[round(l['storage_only_s'], 2) for l in loads]}")

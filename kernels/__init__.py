@@ -1,10 +1,10 @@
 """Kernels of sqattn_index (installed as ``sqattn_index.kernels``): Triton ops and their torch references.
 
-The Triton modules (``lookup`` with ``lookup_level`` and ``lookup_kernels``, ``decide``, ``lookup_many`` and
-``compaction``; ``always_logz``, ``budget``, ``sparse_attention`` with ``positions``, ``fused_attention``,
-``merge``; ``chain``: programmatic dependent launch between them) are imported lazily through ``get_ops``, so
-importing this package defines no Triton kernel (``TRITON_INTERPRET`` must be set before kernels are
-defined).
+The Triton modules (``lookup`` with ``lookup_level``, ``lookup_kernels`` and ``lookup_tiles``, ``decide``,
+``lookup_many`` and ``compaction``; ``always_logz``, ``budget``, ``sparse_attention`` with ``positions``,
+``fused_attention``, ``merge``; ``chain``: programmatic dependent launch between them) are imported lazily through
+``get_ops``, so importing this package defines no Triton kernel (``TRITON_INTERPRET`` must be set before kernels
+are defined). ``dispatch`` and the references (``reference``, ``reference_lookup``) are torch only.
 ``centroid_fp8`` (torch only) makes the 8-bit centroid tables the lookups take.
 """
 

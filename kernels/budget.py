@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .chain import chain_enter, chain_launch
-from .lookup_kernels import _head_logz
+from .lookup_tiles import _head_logz
 from .sparse_attention import _cumsum, _max, _sum
 
 __all__ = ["budget_mask", "budget_mask_from_logits"]

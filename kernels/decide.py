@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .chain import chain_enter, chain_launch
-from .lookup_kernels import _head_logz
+from .lookup_tiles import _head_logz
 from .positions import segment_block
 from .sparse_attention import _sum
 

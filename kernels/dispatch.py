@@ -8,9 +8,13 @@ import torch
 
 from . import reference
 
-__all__ = ["get_ops", "triton_available"]
+__all__ = ["FEW_QUERIES", "get_ops", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
+# Grouped queries per KV head up to which a lookup is decode-sized: the Triton lookup's decode launches (more
+# go to the many-query path, lookup_many.py) and the 8-bit centroid tables (selection.SelectionSpec.fp8_for).
+# Here, in a module without Triton kernels, so the torch-only selection code can import it.
+FEW_QUERIES = 16
 
 
 def triton_available() -> bool:

@@ -13,6 +13,7 @@ import triton
 
 from .centroid_fp8 import is_fp8
 from .chain import chain_launch
+from .dispatch import FEW_QUERIES
 from .lookup_kernels import _lse_kernel, _prob_kernel
 
 __all__ = ["FEW_QUERIES", "TUNING", "TUNING_FP8"]
@@ -30,8 +31,8 @@ TUNING = {"block_c": 32, "block_warps": 2, "parent_warps": 1, "parent_group": 4,
           "parent_group_prefill": 16, "flat_block_c": 64, "flat_tiles": 1, "flat_stages": 1,
           "flat_programs": 512, "flat_tiles_max": 8, "flat_warps": 2, "flat_warps_one_query": 4,
           "decode_dot_min_q": 2, "many_path": "stationary"}
-FEW_QUERIES = 16  # more grouped queries per KV head: the many-query path (lookup_many.py) unless many_path
-# is "grouped" (this module's launches, kept to compare against in one benchmark run)
+# More grouped queries per KV head than FEW_QUERIES (dispatch.py): the many-query path (lookup_many.py) unless
+# many_path is "grouped" (this module's launches, kept to compare against in one benchmark run).
 # measured best on an H100 (docs/bench/README.md). A flat fine level gives a program several blocks of
 # flat_block_c centroids (loads pipelined over flat_stages stages): in decode as many as keep about
 # flat_programs programs in flight (at most flat_tiles_max; the session-5 sweep's best at Llama-2-7B and

@@ -30,7 +30,7 @@ import triton.language as tl
 from .budget import budget_mask
 from .chain import chain_enter, chain_launch
 from .compaction import compact_fine, threshold_decide
-from .lookup_kernels import _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _qnorm2, _scores
+from .lookup_tiles import _always_state, _finish_lse, _load_cent, _load_q, _logaddexp, _qnorm2, _scores
 from .sparse_attention import _interpret, _max, _sum
 
 __all__ = ["many_query_lookup", "TUNING_MANY"]
@@ -245,8 +245,9 @@ class _Many:
                     num_stages=t[f"{kind}_stages"])
 
     def normaliser(self, table, idx=None, count=None, fixed=None, always=None, dropped=None):
-        """log Z as partial rows [B, Hk, S, NQ] (logsumexp over S) over ``table``'s centroids (those in ``idx[:, :, :count]`` when given), plus
-        exp(``fixed``), the always-attended keys ``always`` = (keys, sink, window) and the coarse clusters
+        """log Z as partial rows [B, Hk, S, NQ] (logsumexp over S) over ``table``'s centroids (those in
+        ``idx[:, :, :count]`` when given), plus exp(``fixed``), the always-attended keys ``always`` = (keys, sink,
+        window) and the coarse clusters
         ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always`` also returns their own
         log-normaliser (else None)."""
         q, dev = self.q, self.dev

@@ -324,7 +324,8 @@ def main(argv=None) -> int:
     rows = merged(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     log(f"wrote {out / 'results.json'}")
-    log(f"{'phase':22s} {'shape':10s} {'context':>8s} {'keep':>5s} {'dense':>8s} {'squeezed':>9s} {'speedup':>7s} {'GB/s':>6s}")
+    log(f"{'phase':22s} {'shape':10s} {'context':>8s} {'keep':>5s} {'dense':>8s} {'squeezed':>9s} "
+        f"{'speedup':>7s} {'GB/s':>6s}")
     for r in rows:
         if r["phase"] in ("copy", "clustering"):
             continue

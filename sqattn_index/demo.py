@@ -29,7 +29,8 @@ def run_demo(keep: float = 0.2, max_new_tokens: int = 40, num_questions: int = 4
     out(f"model loaded in {t_model:.1f} s; indexed {len(docs)} documents ({corpus.num_tokens} tokens, "
         f"{corpus.num_layers} layers) in {t_build:.1f} s "
         f"(prefill {corpus.build_seconds.get('prefill', 0):.1f} s, clustering "
-        f"{corpus.build_seconds.get('clustering', 0):.1f} s, calibration {corpus.build_seconds.get('calibration', 0):.1f} s)")
+        f"{corpus.build_seconds.get('clustering', 0):.1f} s, calibration "
+        f"{corpus.build_seconds.get('calibration', 0):.1f} s)")
     questions = json.loads((DATA_DIR / "demo_questions.json").read_text())[:num_questions]
     engines = {1.0: index.as_query_engine(keep=1.0, max_new_tokens=max_new_tokens),
                keep: index.as_query_engine(keep=keep, max_new_tokens=max_new_tokens)}

@@ -35,7 +35,8 @@ def read_documents(paths: list[str | Path]):
 
     files = _files(paths)
     if not files:
-        raise ConfigError(f"no readable documents ({', '.join(SUPPORTED_SUFFIXES)}) under {', '.join(map(str, paths))}; "
+        raise ConfigError(f"no readable documents ({', '.join(SUPPORTED_SUFFIXES)}) "
+                          f"under {', '.join(map(str, paths))}; "
                           "point at a folder that holds text, markdown or PDF files.")
     docs = []
     for f in files:

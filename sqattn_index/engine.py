@@ -233,7 +233,8 @@ class AnswerStream:
         eng, corpus = self.engine, self.corpus
         tok = eng.local.tokenizer
         graphs = eng.graphs_enabled(corpus) and self.max_new_tokens > 1
-        cache = eng.new_cache(corpus, self.spec.keep, capacity=len(self.suffix) + self.max_new_tokens if graphs else None)
+        cache = eng.new_cache(corpus, self.spec.keep,
+                              capacity=len(self.suffix) + self.max_new_tokens if graphs else None)
         cache.collect_mass = self.spans is not None
         t0 = time.perf_counter()
         if graphs:

@@ -191,7 +191,8 @@ class SqueezedKVIndex(BaseIndex[SqueezedKVIndexStruct]):
             if index_struct is not None:
                 raise ConfigError(
                     "loading a SqueezedKVIndex needs its KV store: StorageContext.from_defaults(persist_dir=DIR, "
-                    "vector_store=SqueezedKVStore.from_persist_dir(DIR)), or simply sqattn_index.load_index(DIR, llm=llm).")
+                    "vector_store=SqueezedKVStore.from_persist_dir(DIR)), "
+                    "or simply sqattn_index.load_index(DIR, llm=llm).")
             store = SqueezedKVStore(self._llm, config)
             storage_context.vector_stores[DEFAULT_VECTOR_STORE] = store
         store.attach_llm(self._llm)

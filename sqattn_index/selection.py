@@ -13,9 +13,8 @@ import torch
 
 from .config import SqueezeConfig, check_keep
 from .corpus_kv import LayerKV
+from .kernels.dispatch import FEW_QUERIES
 from .kernels.reference import always_logz_ref, group_queries_ref
-
-FEW_QUERIES = 16  # the lookup's decode-sized query count (``kernels.lookup.FEW_QUERIES``)
 
 __all__ = ["SelectionSpec", "Selection", "select_ranges"]
 

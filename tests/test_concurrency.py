@@ -152,7 +152,8 @@ def test_second_writer_in_process_is_serialized(llm, texts):
     def writer(i: int) -> None:
         start.wait()
         try:
-            index.insert_nodes([TextNode(id_=f"w{i}", text=f"Writer {i} adds that the ferry leaves at {i + 7} o'clock.")])
+            index.insert_nodes([TextNode(id_=f"w{i}",
+                                         text=f"Writer {i} adds that the ferry leaves at {i + 7} o'clock.")])
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # must happen before any Triton kernel is def
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sqattn_index.kernels import reference as ref  # noqa: E402
+from sqattn_index.kernels import reference_lookup as ref_lookup  # noqa: E402
 from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
 from sqattn_index.kernels.always_logz import always_logz  # noqa: E402
 from sqattn_index.kernels.budget import budget_mask  # noqa: E402
@@ -224,22 +225,22 @@ def _ref_probs(q, fc, fs, cc, cs, co, scale, coarse_keep=None, terms=None):
         fine_logits = fine_logits + half_qn2 * fsp.view(1, hk, 1, cf)
     fls = fs.float().log().view(1, hk, 1, cf)
     if cc is None:
-        return ref._per_key_probs(fine_logits, fls, fixed), None
+        return ref_lookup._per_key_probs(fine_logits, fls, fixed), None
     ncc = cc.shape[1]
     cls = cs.float().log().view(1, hk, 1, ncc)
     coarse_logits = scale * torch.einsum("bhqd,hcd->bhqc", qf, cc.float())
     if csp is not None:
         coarse_logits = coarse_logits + half_qn2 * csp.view(1, hk, 1, ncc)
-    coarse_probs = ref._per_key_probs(coarse_logits, cls, fixed)
+    coarse_probs = ref_lookup._per_key_probs(coarse_logits, cls, fixed)
     if coarse_keep is None:
         return None, coarse_probs
-    parent = ref._fine_parent(co, cf)
+    parent = ref_lookup._fine_parent(co, cf)
     allowed = coarse_keep.gather(-1, parent.unsqueeze(0).expand(b, hk, cf))
     extra = torch.logsumexp(torch.where(~coarse_keep.unsqueeze(2), coarse_logits + cls, float("-inf")), dim=-1)
     if fixed is not None:
         extra = torch.logaddexp(extra, fixed)
     masked = torch.where(allowed.unsqueeze(2), fine_logits, float("-inf"))
-    return ref._per_key_probs(masked, fls, extra), coarse_probs
+    return ref_lookup._per_key_probs(masked, fls, extra), coarse_probs
 
 
 def estimate_terms(q, fc, ccent, gen):

@@ -75,7 +75,8 @@ def make_index(seed: int, dtype: torch.dtype = torch.bfloat16, tag: str | None =
         corpus, model_id="tiny/test-model", model_fingerprint=f"model-{seed % 2}", tokenizer_fingerprint="tok-1",
         config=config, layout={"template": "chatml", "prefix_tokens": 3},
         extra={"tag": tag or f"seed{seed}", "nested": {"a": [1, 2.5, None]}})
-    docs = [st.DocumentRecord(f"doc-{i}", {"file_name": f"d{i}.txt", "ünïcode": "ж"}, f"{i:064x}", 30 * i, 30 * i + 30)
+    docs = [st.DocumentRecord(f"doc-{i}", {"file_name": f"d{i}.txt", "ünïcode": "ж"}, f"{i:064x}",
+                              30 * i, 30 * i + 30)
             for i in range(3)]
     nodes = [st.NodeRecord(f"node-{i}", f"doc-{i // 2}", f"text {i} ✓ {seed}", {"page": i}, 15 * i, 15 * i + 15, i)
              for i in range(6)]
