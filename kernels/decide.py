@@ -22,23 +22,9 @@ import triton.language as tl
 from .chain import chain_enter, chain_launch
 from .lookup_tiles import _head_logz
 from .positions import segment_block
-from .sparse_attention import _interpret, _sum
+from .sparse_attention import _sum
 
-__all__ = ["decide_from_logits", "PREFETCH"]
-
-# What the decisions launch asks the L2 to fetch of every kept segment (the sinks, the kept clusters, the
-# window), so that the K/V bytes the sparse kernel will read stream from DRAM while the positions kernel runs
-# and the sparse kernel starts: "none", "k" (keys) or "kv" (keys and values). One bulk prefetch instruction
-# per kept segment and tensor (clusters are contiguous rows). Only with ``prefetch=`` given and on a GPU.
-PREFETCH = {"mode": "none"}
-
-
-@triton.jit
-def _prefetch_l2(ptr, nbytes, go):
-    """Ask the L2 to fetch ``nbytes`` bytes from ``ptr`` where ``go`` (Hopper bulk prefetch; nothing waits)."""
-    return tl.inline_asm_elementwise(
-        "{\n .reg .pred p;\n setp.ne.s32 p, $3, 0;\n @p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
-        " mov.u32 $0, 0;\n}", "=r,l,r,r", [ptr, nbytes, go.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+__all__ = ["decide_from_logits"]
 
 
 @triton.jit
@@ -60,12 +46,11 @@ def _segment_lengths(keep, SIZES_ROW, g, c, c_ok, NC, SINK, WINDOW):
 
 @triton.jit
 def _decide_logits_kernel(
-    LOGITS, PART, FIXED, THR, SIZES, PROBS, KEEP, SEGLEN, BLOCKSUM, PK, PV, LOWS,
+    LOGITS, PART, FIXED, THR, SIZES, PROBS, KEEP, SEGLEN, BLOCKSUM,
     s_gb, s_gh, s_gq, s_pb, s_ph, s_pk, s_fb, s_fh, s_sh, s_xb, s_xh, s_eb, s_eh, s_bb, s_bh,
-    s_kh, s_kn, s_vh, s_vn, s_lh,
-    HK, NQ, NC, NB, SINK, WINDOW, ROW_BYTES,
+    HK, NQ, NC, NB, SINK, WINDOW,
     HAS_FIXED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_S: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    BLOCK_S: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
     """Program (j, b*h) owns segments g in [j * BLOCK_S, (j + 1) * BLOCK_S): g = 0 the sinks, g = NC + 1 the
@@ -91,13 +76,6 @@ def _decide_logits_kernel(
         ln = _segment_lengths(keep, SIZES + h * s_sh, g, c, c_ok, NC, SINK, WINDOW)
         tl.store(SEGLEN + b * s_eb + h * s_eh + g, ln, mask=g < NC + 2)
         tl.store(BLOCKSUM + b * s_bb + h * s_bh + pid + tl.arange(0, 1), _sum(ln, axis=0) + tl.full([1], 0, tl.int32))
-        if PREFETCH > 0:  # the kept rows of K (and V), contiguous per segment, into the L2
-            seg_ok = g < NC + 2
-            low = tl.load(LOWS + h * s_lh + g, mask=seg_ok, other=0).to(tl.int64)
-            go = seg_ok & (ln > 0)
-            _prefetch_l2(PK + h * s_kh + low * s_kn, ln * ROW_BYTES, go)
-            if PREFETCH > 1:
-                _prefetch_l2(PV + h * s_vh + low * s_vn, ln * ROW_BYTES, go)
 
 
 def decide_from_logits(
@@ -111,7 +89,6 @@ def decide_from_logits(
     blocksum: torch.Tensor | None = None,
     sink: int = 0,
     window: int = 0,
-    prefetch: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-key probabilities and threshold decisions of a flat lookup from its logits (Triton; same
     arguments and results as ``reference.decide_from_logits_ref``).
@@ -126,8 +103,6 @@ def decide_from_logits(
             kept cluster sizes, window); needs ``blocksum``.
         blocksum: [B, Hk, cdiv(C + 2, positions.segment_block())] int32, written with each block's kept keys
             (the ``blocksum`` argument of ``positions.kept_positions``).
-        prefetch: optional (keys [Hk, N, D], values [Hk, N, D], seg_lows [Hk, C + 2] int32) with ``seglen``:
-            the kept segments' K/V rows are prefetched into the L2 as ``PREFETCH["mode"]`` says (CUDA only).
     Returns:
         probs [B, Hk, C] float32, keep [B, Hk, C] bool.
     """
@@ -160,24 +135,12 @@ def decide_from_logits(
     fz = fixed_logz.float().contiguous() if fixed_logz is not None else probs
     seg = seglen if seglen is not None else keep
     bsum = blocksum if blocksum is not None else keep
-    mode = {"none": 0, "k": 1, "kv": 2}[PREFETCH["mode"]]
-    if prefetch is None or seglen is None or _interpret():
-        mode = 0
-    pk, pv, lows = prefetch if mode else (probs, probs, seg)
-    if mode and (pk.stride(-1) != 1 or pv.stride(-1) != 1 or pk.stride(1) != pk.shape[-1]
-                 or pv.stride(1) != pv.shape[-1] or pk.dtype != pv.dtype or (lows.dim() == 3 and lows.shape[0] != 1)):
-        mode = 0  # rows must be dense for one bulk prefetch per segment; one set of segment starts
-        pk, pv, lows = probs, probs, seg
-    row_bytes = pk.shape[-1] * pk.element_size() if mode else 0
     _decide_logits_kernel[(nblk, b * hk)](
-        logits, parts, fz, thr, sizes, probs, keep, seg, bsum, pk, pv, lows,
+        logits, parts, fz, thr, sizes, probs, keep, seg, bsum,
         logits.stride(0), logits.stride(1), logits.stride(2), parts.stride(0), parts.stride(1), parts.stride(2),
         fz.stride(0), fz.stride(1), sizes.stride(0), probs.stride(0), probs.stride(1), seg.stride(0),
-        seg.stride(1), bsum.stride(0), bsum.stride(1),
-        pk.stride(0) if mode else 0, pk.stride(1) if mode else 0, pv.stride(0) if mode else 0,
-        pv.stride(1) if mode else 0, lows.stride(-2) if mode else 0,
-        hk, nq, c, parts.shape[2], sink, window, row_bytes,
-        HAS_FIXED=fixed_logz is not None, HAS_SEGLEN=seglen is not None, PREFETCH=mode,
+        seg.stride(1), bsum.stride(0), bsum.stride(1), hk, nq, c, parts.shape[2], sink, window,
+        HAS_FIXED=fixed_logz is not None, HAS_SEGLEN=seglen is not None,
         BLOCK_Q=max(2, triton.next_power_of_2(nq)), BLOCK_P=min(triton.next_power_of_2(max(parts.shape[2], 1)), 64),
         BLOCK_S=block, num_warps=4, **chain_launch(logits.device),
     )

@@ -52,7 +52,7 @@ def _check_args(fine_threshold, budget, coarse_threshold, coarse_budget, hierarc
 def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_offsets, fine_threshold,
          coarse_threshold, budget, coarse_budget, scale, hierarchical, precision, seglen=None, sink=0, window=0,
          fine_spread=None, coarse_spread=None, fixed_logz=None, always_keys=None, excl=None, budget_slack=0.0,
-         blocksum=None, fine_centroid_scales=None, coarse_centroid_scales=None, prefetch=None):
+         blocksum=None, fine_centroid_scales=None, coarse_centroid_scales=None):
     """The whole lookup. Returns keep [B, Hk, Cf] bool, the allowed mask [B, Hk, Cf] uint8 (None when flat),
     the fine and the coarse probabilities. With ``seglen`` [B, Hk, Cf + 2] int32 it also writes the kept
     length of every segment (sinks, fine clusters, window) there, and in budget mode with ``excl`` (same
@@ -104,7 +104,7 @@ def _run(q, fine_centroids, fine_sizes, coarse_centroids, coarse_sizes, coarse_o
             return keep, None, probs, None
         if logits is not None:  # threshold, few queries (_decides_from_logits): decisions from the logits
             probs, keep = decide_from_logits(logits, part, thr, fine_sizes, fixed_logz=fixed_logz, seglen=seglen,
-                                             blocksum=blocksum, sink=sink, window=window, prefetch=prefetch)
+                                             blocksum=blocksum, sink=sink, window=window)
             return keep, None, probs, None
         probs, keep, _ = fine.probs([part], thr=thr, logits=logits, **seg)
     else:
@@ -252,7 +252,6 @@ def centroid_lookup_positions(
     budget_slack: float = 0.0,
     fine_centroid_scales: torch.Tensor | None = None,
     coarse_centroid_scales: torch.Tensor | None = None,
-    prefetch_kv: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``centroid_lookup`` plus the sorted position of every kept key (sinks, kept clusters, window) for
     ``sparse_attention.sparse_attention_positions``: no host sync, CUDA-graph capturable.
@@ -285,8 +284,7 @@ def centroid_lookup_positions(
                                fine_spread=fine_spread, coarse_spread=coarse_spread, fixed_logz=fixed_logz,
                                always_keys=always_keys, excl=excl, budget_slack=budget_slack, blocksum=blocksum,
                                fine_centroid_scales=fine_centroid_scales,
-                               coarse_centroid_scales=coarse_centroid_scales,
-                               prefetch=(*prefetch_kv, seg_lows) if prefetch_kv is not None else None)
+                               coarse_centroid_scales=coarse_centroid_scales)
     scored = coarse_centroids.shape[1] if allowed is not None else fine_centroids.shape[1]  # besides allowed
     pos, total, read = kept_positions(seglen, seg_lows, num_tokens, allowed=allowed, num_coarse=scored,
                                       counter=counter, excl=excl, blocksum=blocksum)

@@ -258,7 +258,6 @@ def squeezed_fns(layer: Layer, q: torch.Tensor, fthr, cthr, scale: float, precis
     def lookup():
         return centroid_lookup_positions(*largs, seg_lows=lows, num_tokens=n, sink_tokens=layer.sink,
                                          window_tokens=layer.window, precision=precision,
-                                         prefetch_kv=(layer.keys, layer.values),
                                          **estimate_kwargs(layer, qg, scale, estimate), **scales)
 
     def step():
