@@ -81,13 +81,11 @@ def _fine_index_kernel(KEEPC, COFF, EXCL, IDX, ALLOWED, PROBS, s_kb, s_kh, s_oh,
 
 
 @triton.jit
-def _decide_kernel(P, THR, ALLOWED, SIZES, KEEP, SEGLEN, PSUM, s_pb, s_ph, s_pk, s_ab, s_ah, s_sh, s_kb, s_kh, s_eb,
-                   s_eh, s_ub, s_uh, HK, NC, NPART, SINK, WINDOW, HAS_ALLOWED: tl.constexpr, HAS_SEGLEN: tl.constexpr,
-                   SUM_PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+def _decide_kernel(P, THR, ALLOWED, SIZES, KEEP, SEGLEN, s_pb, s_ph, s_ab, s_ah, s_sh, s_kb, s_kh, s_eb, s_eh,
+                   HK, NC, SINK, WINDOW, HAS_ALLOWED: tl.constexpr, HAS_SEGLEN: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = 0):
     """Threshold decisions in one launch: KEEP[b, h, c] = P[b, h, c] >= THR[h] (and ALLOWED) as uint8 and, with
-    HAS_SEGLEN, the kept segment lengths SEGLEN[b, h, :] = (SINK, kept size of each cluster, WINDOW). With
-    SUM_PARTS, P holds NPART partial rows P[b, h, k, c] (stride s_pk) whose sum is the probability; the sums go
-    to PSUM[b, h, c]."""
+    HAS_SEGLEN, the kept segment lengths SEGLEN[b, h, :] = (SINK, kept size of each cluster, WINDOW)."""
     chain_enter(PDL)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -96,10 +94,6 @@ def _decide_kernel(P, THR, ALLOWED, SIZES, KEEP, SEGLEN, PSUM, s_pb, s_ph, s_pk,
     c = pid * BLOCK + tl.arange(0, BLOCK)
     ok = c < NC
     p = tl.load(P + b * s_pb + h * s_ph + c, mask=ok, other=0.0)
-    if SUM_PARTS:
-        for k in range(1, NPART):
-            p += tl.load(P + b * s_pb + h * s_ph + k * s_pk + c, mask=ok, other=0.0)
-        tl.store(PSUM + b * s_ub + h * s_uh + c, p, mask=ok)
     keep = ok & (p >= tl.load(THR + h))
     if HAS_ALLOWED:
         keep = keep & (tl.load(ALLOWED + b * s_ab + h * s_ah + c, mask=ok, other=0) != 0)
@@ -150,25 +144,10 @@ def compact_fine(keep_c: torch.Tensor, coarse_offsets: torch.Tensor, num_fine: i
 
 def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.Tensor | None = None,
                      allowed: torch.Tensor | None = None, seglen: torch.Tensor | None = None, sink: int = 0,
-                     window: int = 0, probs_out: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int = 0) -> torch.Tensor:
     """keep [B, Hk, C] bool = probs [B, Hk, C] >= threshold [Hk] (and ``allowed`` [B, Hk, C] uint8) in one
     launch; with ``seglen`` [B, Hk, C + 2] int32 (needs ``sizes`` [Hk, C]) it also writes the kept segment
-    lengths (sink, kept cluster sizes, window), as ``write_seglen`` does. With ``probs_out`` [B, Hk, C] float32
-    (contiguous), ``probs`` may be partial sums [B, Hk, S, C]: their sum over S is decided on and written there."""
-    sums, parts, part_stride = None, 1, 0
-    if probs_out is not None and probs.dim() == 4:
-        want = tuple(probs.shape[:2] + probs.shape[3:])
-        if tuple(probs_out.shape) != want or not probs_out.is_contiguous() or probs_out.dtype != torch.float32:
-            raise ValueError(f"probs_out must be contiguous float32 [B, Hk, C] = {want}; got {probs_out.dtype} "
-                             f"{tuple(probs_out.shape)}")
-        probs = probs.float().contiguous()
-        sums, parts, part_stride = probs_out, probs.shape[2], probs.stride(2)
-        probs = probs.select(2, 0)  # partial row k is read part_stride elements further on
-    elif probs_out is not None:
-        probs_out.copy_(probs)
-    if probs.dim() != 3:
-        raise ValueError(f"probs must be [B, Hk, C] (or [B, Hk, S, C] partials with probs_out); got "
-                         f"{tuple(probs.shape)}")
+    lengths (sink, kept cluster sizes, window), as ``write_seglen`` does."""
     b, hk, c = probs.shape
     if threshold.numel() != hk:
         raise ValueError(f"threshold must hold one value per KV head ({hk}); got shape {tuple(threshold.shape)}")
@@ -178,8 +157,7 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
                          f"{None if sizes is None else tuple(sizes.shape)}")
     if allowed is not None and allowed.shape != probs.shape:
         raise ValueError(f"allowed must have probs' shape {tuple(probs.shape)}; got {tuple(allowed.shape)}")
-    if sums is None:
-        probs = probs.float().contiguous()  # (the kernel assumes unit last strides)
+    probs = probs.float().contiguous()  # (the kernel assumes unit last strides)
     allowed = allowed.to(torch.uint8).contiguous() if allowed is not None else None
     sizes = sizes.contiguous() if sizes is not None else None
     if seglen is not None and not seglen.is_contiguous():
@@ -190,13 +168,11 @@ def threshold_decide(probs: torch.Tensor, threshold: torch.Tensor, sizes: torch.
     seg = seglen if seglen is not None else probs
     sz = sizes if sizes is not None else thr
     block = 256 if _interpret() else 1024
-    psum = sums if sums is not None else probs
     _decide_kernel[(triton.cdiv(max(c, 1), block), b * hk)](
-        probs, thr, alw, sz, keep, seg, psum, probs.stride(0), probs.stride(1), part_stride, alw.stride(0),
-        alw.stride(1), sz.stride(0), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), psum.stride(0),
-        psum.stride(1), hk, c, parts, sink, window,
-        HAS_ALLOWED=allowed is not None, HAS_SEGLEN=seglen is not None, SUM_PARTS=sums is not None, BLOCK=block,
-        num_warps=4, **chain_launch(probs.device),
+        probs, thr, alw, sz, keep, seg, probs.stride(0), probs.stride(1), alw.stride(0), alw.stride(1),
+        sz.stride(0), keep.stride(0), keep.stride(1), seg.stride(0), seg.stride(1), hk, c, sink, window,
+        HAS_ALLOWED=allowed is not None, HAS_SEGLEN=seglen is not None, BLOCK=block, num_warps=4,
+        **chain_launch(probs.device),
     )
     return keep.view(torch.bool)
 

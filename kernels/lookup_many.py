@@ -40,13 +40,10 @@ __all__ = ["many_query_lookup", "TUNING_MANY"]
 # probability launch splits the queries until it has at least ``prob_programs`` programs (counting every
 # block a compacted fine level could have).
 TUNING_MANY = {"norm_block_q": 64, "norm_block_c": 128, "norm_warps": 4, "norm_stages": 3, "norm_splits": 1,
-               "prob_block_c": 64, "prob_block_q": 64, "prob_warps": 4, "prob_stages": 3, "prob_programs": 264,
-               "coarse_fused": True}
+               "prob_block_c": 64, "prob_block_q": 64, "prob_warps": 4, "prob_stages": 3, "prob_programs": 264}
 # (H100 sweep at 128K, 512 question tokens, Llama-3-8B and Llama-2-7B shapes: docs/bench/session6/). The
 # normaliser may split each head's centroid list over ``norm_splits`` programs per query tile; the partial
-# log-normalisers are merged where they are read. ``coarse_fused``: a hierarchical lookup's coarse level takes
-# its probabilities in a second pass of its normaliser launch (per query tile, summed by the decisions
-# launch) instead of a probability launch and a sum (docs/bench/README.md, session 12).
+# log-normalisers are merged where they are read.
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -90,25 +87,20 @@ def _online_log2(m, s, t):
 
 @triton.jit
 def _normaliser_kernel(
-    Q, C, SIZES, SPREAD, IDX, COUNT, CC, CSIZES, CSPREAD, KEEPC, K, FIXED, LOGZ, LOGZ_ALWAYS, PROBS,
+    Q, C, SIZES, SPREAD, IDX, COUNT, CC, CSIZES, CSPREAD, KEEPC, K, FIXED, LOGZ, LOGZ_ALWAYS,
     s_qb, s_qh, s_qm, s_ch, s_cc, s_sh, s_vh, s_ib, s_ih, s_nb, s_nh,
     s_cch, s_ccc, s_csh, s_cvh, s_kb, s_kh, s_akh, s_akn, s_fb, s_fh, s_zb, s_zh, s_zs, s_ab, s_ah,
-    s_rb, s_rh, s_rs,
-    HK, NQ, NC, NCC, N, SINK, WINDOW, NSPLIT, scale, half_s2, inv_nq,
+    HK, NQ, NC, NCC, N, SINK, WINDOW, NSPLIT, scale, half_s2,
     GATHER: tl.constexpr,  # the centroids are IDX[b, h, :COUNT[b, h]], else all NC of them
     DROPPED: tl.constexpr,  # first the coarse clusters CC with KEEPC == 0
     ALWAYS: tl.constexpr,  # first the always-attended keys K; their own log-sum-exp goes to LOGZ_ALWAYS
     HAS_FIXED: tl.constexpr, HAS_SPREAD: tl.constexpr, HAS_CSPREAD: tl.constexpr,
     NATIVE: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    PROBS_OUT: tl.constexpr = False,  # then a second pass (NSPLIT = 1, all NC centroids, no GATHER / DROPPED)
     PDL: tl.constexpr = 0,
 ):
     """LOGZ[b, h, s, q] = log(exp(FIXED) + always + sum over dropped coarse and listed centroids of
-    n_c exp(l_qc)), the centroids split in NSPLIT equal chunks (split s = 0 also takes the first three terms).
-    With PROBS_OUT, PROBS[b, h, q tile, c] = the query tile's share of ``_probs_kernel``'s output: the sum over
-    its queries of exp(l_qc - log Z_q) / NQ, in the same fused multiply-adds (the probability launch and the
-    sum of its query splits in one pass over tiles that are still in the caches)."""
+    n_c exp(l_qc)), the centroids split in NSPLIT equal chunks (split s = 0 also takes the first three terms)."""
     chain_enter(PDL)
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -164,19 +156,6 @@ def _normaliser_kernel(
         m, s = _online_log2(m, s, t)
     logz = (tl.where(m == float("-inf"), 0.0, m) + tl.log2(s)) * 0.6931471805599453
     tl.store(LOGZ + b * s_zb + h * s_zh + pid_s * s_zs + offs_q, logz, mask=q_ok)
-    if PROBS_OUT:
-        neg_log2z = tl.where(q_ok, -logz * 1.4426950408889634, float("-inf"))
-        for c0 in range(0, NC, BLOCK_C):
-            offs = c0 + offs_cb
-            sel = offs < NC
-            cent = _load_cent(C + h * s_ch, s_cc, offs, sel, offs_d, d_ok, NATIVE)
-            if HAS_SPREAD:
-                v = tl.load(SPREAD + h * s_vh + offs, mask=sel, other=0.0).to(tl.float32)
-                extra = var_q[:, None] * v[None, :] + neg_log2z[:, None]
-            else:
-                extra = neg_log2z[:, None]
-            p = tl.exp2(_scores(qv, cent, scale2, BLOCK_Q, BLOCK_C, False, NATIVE, PRECISION) + extra)
-            tl.store(PROBS + b * s_rb + h * s_rh + pid_q * s_rs + offs, _sum(p, axis=0) * inv_nq, mask=sel)
 
 
 @triton.jit
@@ -265,18 +244,14 @@ class _Many:
         return dict(BLOCK_Q=t[f"{kind}_block_q"], BLOCK_C=t[f"{kind}_block_c"], num_warps=t[f"{kind}_warps"],
                     num_stages=t[f"{kind}_stages"])
 
-    def normaliser(self, table, idx=None, count=None, fixed=None, always=None, dropped=None, probs=False):
+    def normaliser(self, table, idx=None, count=None, fixed=None, always=None, dropped=None):
         """log Z as partial rows [B, Hk, S, NQ] (logsumexp over S) over ``table``'s centroids (those in
         ``idx[:, :, :count]`` when given), plus exp(``fixed``), the always-attended keys ``always`` = (keys, sink,
-        window) and the coarse clusters ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always``
-        also returns their own log-normaliser (else None). With ``probs`` (every centroid of the table, nothing
-        dropped) it also returns the probabilities' partial sums [B, Hk, query tiles, C], which
-        ``threshold_decide(probs_out=)`` sums."""
-        if probs and (idx is not None or dropped is not None):
-            raise ValueError("the fused probabilities need every centroid of the table (no idx, no dropped)")
+        window) and the coarse clusters
+        ``dropped`` = (coarse table, keep_c) with keep_c == 0. With ``always`` also returns their own
+        log-normaliser (else None)."""
         q, dev = self.q, self.dev
-        # (the interpreter checks the split path)
-        splits = 1 if probs else 2 if _interpret() else TUNING_MANY["norm_splits"]
+        splits = 2 if _interpret() else TUNING_MANY["norm_splits"]  # (the interpreter checks the split path)
         logz = torch.empty(self.b, self.hk, splits, self.nq, dtype=torch.float32, device=dev)
         logz_always = torch.empty(self.b, self.hk, self.nq, dtype=torch.float32, device=dev)
         keys, sink, window = always if always is not None else (table.cent, 0, 0)
@@ -293,26 +268,20 @@ class _Many:
         csp = ctab.spread if ctab.spread is not None else dummy
         cfg = self._launch_cfg("norm")
         grid = (triton.cdiv(self.nq, cfg["BLOCK_Q"]), splits, self.b * self.hk)
-        parts = (torch.empty(self.b, self.hk, grid[0], table.nc, dtype=torch.float32, device=dev) if probs
-                 else logz)
         _normaliser_kernel[grid](
             q, table.cent, table.sizes, sp, idx_t, cnt, ctab.cent, ctab.sizes, csp, keepc, keys, fx, logz,
-            logz_always, parts,
+            logz_always,
             q.stride(0), q.stride(1), q.stride(2), table.cent.stride(0), table.cent.stride(1),
             table.sizes.stride(0), sp.stride(0), idx_t.stride(0), idx_t.stride(1), cnt.stride(0), cnt.stride(-1),
             ctab.cent.stride(0), ctab.cent.stride(1), ctab.sizes.stride(0), csp.stride(0), keepc.stride(0),
             keepc.stride(1), keys.stride(0), keys.stride(1), fx.stride(0), fx.stride(1), logz.stride(0),
             logz.stride(1), logz.stride(2), logz_always.stride(0), logz_always.stride(1),
-            parts.stride(0), parts.stride(1), parts.stride(2),
             self.hk, self.nq, table.nc, ctab.nc, n, sink, window, splits, self.scale, 0.5 * self.scale * self.scale,
-            1.0 / self.nq,
             GATHER=idx is not None, DROPPED=dropped is not None, ALWAYS=always is not None,
             HAS_FIXED=fixed is not None, HAS_SPREAD=table.spread is not None, HAS_CSPREAD=ctab.spread is not None,
             NATIVE=self._native(table), PRECISION=self.precision, HEAD_DIM=self.d,
-            BLOCK_D=triton.next_power_of_2(self.d), PROBS_OUT=probs, **cfg, **chain_launch(q.device),
+            BLOCK_D=triton.next_power_of_2(self.d), **cfg, **chain_launch(q.device),
         )
-        if probs:
-            return logz, (logz_always if always is not None else None), parts
         return logz, (logz_always if always is not None else None)
 
     def probs(self, table, logz, idx=None, count=None, out=None):
@@ -367,21 +336,13 @@ def many_query_lookup(q, fine_centroids, fine_sizes, coarse_centroids, coarse_si
         probs = many.probs(fine, logz)
     else:
         coarse = _Table(coarse_centroids, coarse_sizes, coarse_spread)
-        if TUNING_MANY["coarse_fused"]:  # the probabilities' partial sums from the normaliser launch itself
-            _, logz_always, parts = many.normaliser(coarse, fixed=fixed_logz, always=always_keys, probs=True)
-            coarse_probs = torch.empty(many.b, many.hk, coarse.nc, dtype=torch.float32, device=q.device)
-            if fine_threshold is not None:
-                keep_c = threshold_decide(parts, coarse_threshold, probs_out=coarse_probs).view(torch.uint8)
-            else:
-                torch.sum(parts, dim=2, out=coarse_probs)
-        else:
-            logz_c, logz_always = many.normaliser(coarse, fixed=fixed_logz, always=always_keys)
-            coarse_probs = many.probs(coarse, logz_c)
-            if fine_threshold is not None:
-                keep_c = threshold_decide(coarse_probs, coarse_threshold).view(torch.uint8)
-        if fine_threshold is None:
-            keep_c = budget_mask(coarse_probs, coarse_sizes, None, coarse_budget).view(torch.uint8)
+        logz_c, logz_always = many.normaliser(coarse, fixed=fixed_logz, always=always_keys)
         fixed = logz_always if always_keys is not None else fixed_logz
+        coarse_probs = many.probs(coarse, logz_c)
+        if fine_threshold is not None:
+            keep_c = threshold_decide(coarse_probs, coarse_threshold).view(torch.uint8)
+        else:
+            keep_c = budget_mask(coarse_probs, coarse_sizes, None, coarse_budget).view(torch.uint8)
         probs = torch.empty(many.b, many.hk, fine.nc, dtype=torch.float32, device=q.device)
         idx, count, allowed = compact_fine(keep_c, coarse_offsets, fine.nc, probs)
         logz, _ = many.normaliser(fine, idx, count, fixed=fixed, dropped=(coarse, keep_c))

@@ -877,17 +877,6 @@ def test_threshold_decide_matches_torch():
     # any strides: a transposed view of the same values decides the same
     probs_t = probs.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(threshold_decide(probs_t, thr, sizes, allowed.bool()), want)
-    # partial sums [B, Hk, S, C] (the fused coarse level of the many-query lookup): decided on their sum,
-    # which is written to probs_out
-    parts = torch.rand(b, hk, 5, c, generator=gen).to(DEV) / 5
-    total = torch.full((b, hk, c), -1.0, device=DEV)
-    keep = threshold_decide(parts, thr, sizes, allowed, probs_out=total)
-    assert torch.allclose(total, parts.sum(2), rtol=1e-6, atol=1e-7)
-    assert torch.equal(keep, (total >= thr.view(1, -1, 1)) & allowed.bool())
-    with pytest.raises(ValueError, match="probs_out must be"):
-        threshold_decide(parts, thr, probs_out=torch.empty(b, hk, c + 1, device=DEV))
-    with pytest.raises(ValueError, match="partials with probs_out"):
-        threshold_decide(parts, thr)
 
 
 @pytest.mark.parametrize("nq,with_fixed,c", [pytest.param(1, False, 300, id="Q1-C300"),
