@@ -69,23 +69,31 @@ def _cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
+def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One online-softmax step of a query tile over one tile of gathered keys (``n_ok``: the real ones). The
     running max ``m_i`` is kept in raw q.k units (qk_scale > 0, and it carries log2(e)), so the scale folds
-    into the exponent's one fused multiply-add per pair."""
+    into the exponent's one fused multiply-add per pair. IEEE: float32 products in full float32 (Triton's
+    default for float32 dots is TF32)."""
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # [BLOCK_M, BLOCK_N] raw q.k
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    s = tl.where(n_ok[None, :], qk, float("-inf"))  # [BLOCK_M, BLOCK_N] raw q.k
     m_new = tl.maximum(m_i, _max(s, axis=1))
     m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
     alpha = tl.exp2(m_i * qk_scale - m_scaled)
     p = tl.exp2(s * qk_scale - m_scaled[:, None])
     l_i = l_i * alpha + _sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -99,7 +107,7 @@ def _sparse_attn_kernel(
     s_lb, s_lh, s_ls,
     HK, NQ, NSPLIT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr = False,
     PDL: tl.constexpr = 0,
 ):
     """Program (m, s, b*h): query rows block m against the s-th chunk of the kept keys -> partial (out, lse)."""
@@ -140,7 +148,7 @@ def _sparse_attn_kernel(
         pos_next = tl.load(pos_base + nxt, mask=nxt < hi, other=0)
         m_i, l_i, acc = _attend_tile(q, k_base + pos[:, None] * s_kn + offs_d[None, :],
                                      v_base + pos[:, None] * s_vn + offs_d[None, :], start + offs_n < hi, d_ok,
-                                     m_i, l_i, acc, qk_scale, UPCAST)
+                                     m_i, l_i, acc, qk_scale, UPCAST, IEEE)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -292,6 +300,8 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_o = torch.empty(b, hk, splits, nq, d, dtype=torch.float32, device=dev)
         part_l = torch.empty(b, hk, splits, nq, dtype=torch.float32, device=dev)
     upcast = _interpret() or q.dtype != keys.dtype or keys.dtype != values.dtype
+    # float32 products in full float32, as torch multiplies them unless TF32 is allowed (16-bit inputs: exact)
+    ieee = (upcast or keys.dtype == torch.float32) and not torch.backends.cuda.matmul.allow_tf32
     grid = (n_m, splits, b * hk)
     _sparse_attn_kernel[grid](
         qg, keys, values, pos, total, part_o, part_l,
@@ -302,7 +312,7 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
+        UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
     )
     if not reduce:
         return part_o, part_l

@@ -119,8 +119,10 @@ def _check_row(phase, label, a, b, shape, n, keep, dev_name, log) -> dict:
 
 
 @torch.inference_mode()
-def generate(local: LocalModel, cache, n_fixed: int, question: torch.Tensor, steps: int, squeezed: bool):
-    """Greedy: prefill ``question`` then ``steps`` tokens. Returns (tokens, first logits, ttft, per-step)."""
+def generate(local: LocalModel, cache, n_fixed: int, question: torch.Tensor, steps: int, squeezed: bool,
+             step_logits: list | None = None):
+    """Greedy: prefill ``question`` then ``steps`` tokens. Returns (tokens, first logits, ttft, per-step).
+    ``step_logits``: a list that gets the float32 logits each token was chosen from (first included)."""
     model = local.model
     dev = local.device
 
@@ -137,12 +139,16 @@ def generate(local: LocalModel, cache, n_fixed: int, question: torch.Tensor, ste
     logits, ttft = sync_time(lambda: fwd(q, n_fixed))
     first = logits.float().clone()
     tokens = [int(logits.argmax())]
+    if step_logits is not None:
+        step_logits.append(first)
     times = []
     pos = n_fixed + len(q)
     for _ in range(steps):
         logits, dt = sync_time(lambda: fwd(torch.tensor([tokens[-1]], device=dev), pos))
         times.append(dt)
         tokens.append(int(logits.argmax()))
+        if step_logits is not None:
+            step_logits.append(logits.float().clone())
         pos += 1
     return tokens, first, ttft, times
 
