@@ -69,7 +69,8 @@ def _cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _attend_tile(q, k_ptrs, v_ptrs, n_ok, d_ok, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr):
     """One online-softmax step of a query tile over one tile of gathered keys (``n_ok``: the real ones). The
     running max ``m_i`` is kept in raw q.k units (qk_scale > 0, and it carries log2(e)), so the scale folds
     into the exponent's one fused multiply-add per pair. IEEE: float32 products in full float32 (Triton's
@@ -312,7 +313,8 @@ def _attend(q, keys, values, pos, total, scale, num_splits=None, block_n=None, c
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         hk, nq, splits, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **chain_launch(qg.device),
+        UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **chain_launch(qg.device),
     )
     if not reduce:
         return part_o, part_l
