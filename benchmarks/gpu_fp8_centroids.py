@@ -22,17 +22,10 @@ import statistics
 import torch
 
 
-def copy_same_bytes(nbytes: int, timer) -> float:
-    """GB/s (read + written) of a device clone of ``nbytes`` bytes, L2 flushed before each."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    ms = timer(lambda: src.clone())
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
 def main() -> None:
     from gpu_prefill_lookup_sweep import build  # this folder: scripts run as python benchmarks/...
 
-    from sqattn_index.bench import Timer, best_dense, profile_step
+    from sqattn_index.bench import Timer, best_dense, copy_bandwidth, profile_step
     from sqattn_index.kernels import lookup as lk
     from sqattn_index.kernels.sparse_attention import sparse_attention_positions
 
@@ -94,7 +87,7 @@ def main() -> None:
                     t_sparse = timer(lambda: sparse_attention_positions(q, layer.keys, layer.values, pos, total,
                                                                         scale))
                     achieved = kv_bytes / (t_sparse * 1e-3) / 1e9
-                    same = copy_same_bytes(kv_bytes, timer)
+                    same = copy_bandwidth(dev, timer, nbytes=kv_bytes, graph=True)
                     log(f"  sparse kernel alone {t_sparse:.4f} ms on {kv_bytes / 1e6:.1f} MB: {achieved:.0f} GB/s; "
                         f"copy of the same bytes {same:.0f} GB/s (read + written): {achieved / same:.2f} of it")
                 if a.profile and mode == "threshold":

@@ -110,14 +110,15 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def copy_bandwidth(device: torch.device, timer: Timer) -> float:
-    """GB/s of a device-to-device clone of a 2 GiB buffer, counting bytes read plus bytes written."""
+def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 2 * 2**30, graph: bool = False) -> float:
+    """GB/s of a device-to-device clone of an ``nbytes`` buffer (default 2 GiB, timed without a CUDA graph),
+    counting bytes read plus bytes written."""
     if device.type != "cuda":
         return 0.0
-    src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device).random_()
-    ms = timer(lambda: src.clone(), graph=False)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    ms = timer(lambda: src.clone(), graph=graph)
     del src
-    return 2 * 2 * 2**30 / (ms * 1e-3) / 1e9
+    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------- synthetic layer
