@@ -19,25 +19,14 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # must happen before any Triton kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from test_bench_e2e import tiny_local  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
+
 from sqattn_index import bench_e2e as be  # noqa: E402
-from sqattn_index.hf_attention import SqueezedCache, install_attention  # noqa: E402
+from sqattn_index.hf_attention import SqueezedCache  # noqa: E402
 from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
 from sqattn_index.model_loading import LocalModel  # noqa: E402
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-
-
-def random_llama(device: torch.device, dtype: torch.dtype, head_dim: int, heads: int = 4, kv_heads: int = 2,
-                 layers: int = 2) -> LocalModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * heads * head_dim,
-                      vocab_size=32000, max_position_embeddings=16384)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    install_attention(model)
-    return LocalModel(model=model, tokenizer=None, model_id="random-llama", device=device, dtype=dtype)
 
 
 def generations(local: LocalModel, n: int, keep: float, steps: int):
@@ -79,7 +68,7 @@ def test_triton_path_generates_the_reference_tokens_cpu(monkeypatch, mode):
     """Interpreter (or GPU) run of the tiny model in float32: identical tokens, logits within 1e-3."""
     monkeypatch.setattr(be, "SELECTION", mode)
     dev = torch.device("cuda" if CUDA else "cpu")
-    runs = generations(random_llama(dev, torch.float32, head_dim=16), n=384, keep=0.3, steps=4)
+    runs = generations(tiny_local(dev, torch.float32, head_dim=16), n=384, keep=0.3, steps=4)
     assert check_parity(runs, tol=1e-3, exact_tokens=True) == 5
 
 
@@ -94,7 +83,7 @@ def test_triton_path_generates_the_reference_tokens_cpu(monkeypatch, mode):
 ])
 def test_gpu_triton_path_generates_the_reference_tokens(monkeypatch, mode, head_dim, dtype, tol):
     monkeypatch.setattr(be, "SELECTION", mode)
-    runs = generations(random_llama(torch.device("cuda"), dtype, head_dim=head_dim, heads=8, kv_heads=2),
+    runs = generations(tiny_local(torch.device("cuda"), dtype, head_dim=head_dim, heads=8, kv_heads=2),
                        n=8192, keep=0.2, steps=8)
     agreed = check_parity(runs, tol=tol, exact_tokens=dtype == torch.float32)
     ref_logits, logits = runs["torch"][1], runs["triton"][1]

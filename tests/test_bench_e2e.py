@@ -16,16 +16,18 @@ from sqattn_index.kernels.dispatch import get_ops  # noqa: E402
 from sqattn_index.model_loading import LocalModel  # noqa: E402
 
 
-def tiny_local() -> LocalModel:
+def tiny_local(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32, head_dim: int = 16,
+               heads: int = 4, kv_heads: int = 2, layers: int = 2) -> LocalModel:
+    """A random-weight Llama with grouped-query heads (seed 0), the squeezed attention installed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, intermediate_size=128, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(hidden_size=heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * heads * head_dim,
+                      vocab_size=32000, max_position_embeddings=16384)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     install_attention(model)
-    return LocalModel(model=model, tokenizer=None, model_id="tiny-random", device=torch.device("cpu"),
-                      dtype=torch.float32)
+    return LocalModel(model=model, tokenizer=None, model_id="tiny-random", device=device, dtype=dtype)
 
 
 def test_generate_keeps_no_autograd_state_and_keep_all_matches_dense():
